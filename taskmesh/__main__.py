@@ -1,0 +1,3 @@
+from taskmesh.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""The broker shell: one ROUTER socket, one poll loop, the ``Scheduler`` making every decision.
+
+Each loop iteration drains every message that is waiting (up to a bound), feeds them to the
+scheduler, runs the periodic tick when it is due, and then sends everything the scheduler
+batched. A malformed message is logged and answered with an ``Error`` where the peer can be
+addressed; nothing a peer sends can stop the loop. Payloads are opaque bytes: the broker never
+unpickles them, so it never runs user code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from taskmesh import protocol as p
+from taskmesh.config import BrokerConfig
+from taskmesh.errors import ProtocolError, TaskmeshError
+from taskmesh.scheduler import Scheduler, SchedulerConfig, Send
+from taskmesh.transport import check_endpoint
+
+log = logging.getLogger(__name__)
+
+_DRAIN = 2000  # messages handled per loop iteration before sending
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if url.startswith(("ipc://", "inproc://")):
+        return True
+    host = url[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Broker:
+    """Runs until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        check_endpoint(config.bind, what="bind address")
+        if not is_loopback(config.bind) and not config.insecure:
+            raise TaskmeshError(
+                f"refusing to bind {config.bind} without keys: anyone who can reach it could run "
+                "code on every worker. Bind a loopback address, or pass --insecure on a trusted "
+                "network."
+            )
+        self.config = config
+        self.broker_id = uuid.uuid4().hex[:12]
+        hb = config.heartbeat
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                heartbeat_interval_s=hb.interval_s,
+                heartbeat_liveness=hb.liveness,
+                result_ttl_s=config.result_ttl_s,
+            ),
+            broker_id=self.broker_id,
+        )
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        bind = config.bind
+        if bind.startswith("tcp://") and bind.endswith(":0"):
+            bind = bind[:-2] + ":*"
+        try:
+            self._sock.bind(bind)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            self._ctx.term()
+            raise TaskmeshError(f"cannot bind {config.bind}: {exc}") from None
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.started_at = time.monotonic()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        in_main = _in_main_thread()
+        old_handlers: dict[int, Any] = {}
+        old_wakeup = -1
+        if in_main:
+            old_wakeup = signal.set_wakeup_fd(self._wake_w)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, lambda s, f: self.stop())
+        if self.config.port_file:
+            _write_atomically(self.config.port_file, self.endpoint + "\n")
+        log.info("broker %s listening on %s (journal %s)", self.broker_id, self.endpoint,
+                 self.config.journal)
+        try:
+            self._loop()
+        finally:
+            if in_main:
+                signal.set_wakeup_fd(old_wakeup)
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
+            self._sock.close(0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            log.info("broker %s stopped", self.broker_id)
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        interval = self.config.heartbeat.interval_s
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_tick = time.monotonic() + interval
+        while not self._stopping:
+            now = time.monotonic()
+            wait = next_tick - now
+            due = sched.next_deadline(now)
+            if due is not None:
+                wait = min(wait, due - now)
+            events = dict(poller.poll(max(0.0, wait) * 1000))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    pass
+            now = time.monotonic()
+            sends: list[Send] = []
+            if self._sock in events:
+                for _ in range(_DRAIN):
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    sends.extend(self._on_frames(frames, now))
+            if now >= next_tick or (due is not None and now >= due):
+                sends.extend(self._tick(now))
+                if now >= next_tick:
+                    next_tick = now + interval
+            sends.extend(sched.flush(now))
+            for send in sends:
+                self._send(send)
+
+    def _tick(self, now: float) -> list[Send]:
+        before = set(self.scheduler.workers)
+        sends = self.scheduler.tick(now)
+        for worker_id in before - set(self.scheduler.workers):
+            log.warning("worker %s declared dead (missed heartbeats); its tasks are requeued",
+                        worker_id)
+        return sends
+
+    def _on_frames(self, frames: list[Any], now: float) -> list[Send]:
+        if len(frames) < 2:
+            return []
+        address = frames[0].bytes
+        try:
+            signature, msg = p.decode(frames[1:])
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message: %s", exc)
+            sig = bytes(frames[1].bytes[:4]) if len(frames) > 1 else b""
+            if sig in p.SIGNATURES:
+                return [Send(address, sig, p.Error("protocol", str(exc)))]
+            return []
+        if not p.allowed(signature, msg):
+            log.warning("dropped a %s message sent as %r", msg.KIND.name, signature)
+            return [Send(address, signature, p.Error("protocol", f"{msg.KIND.name} not allowed"))]
+        try:
+            return self.scheduler.handle(address, signature, msg, now)
+        except Exception:
+            # a scheduler bug must not take the mesh down: log it loudly and go on
+            log.exception("broker failed to handle a %s message", msg.KIND.name)
+            return [Send(address, signature, p.Error("internal", "the broker failed to handle it"))]
+
+    def _send(self, send: Send) -> None:
+        msg = send.message
+        if isinstance(msg, p.StatusReply):
+            msg.snapshot["broker"] = {
+                "endpoint": self.endpoint,
+                "journal": self.config.journal,
+                "uptime_s": round(time.monotonic() - self.started_at, 1),
+            }
+        try:
+            self._sock.send_multipart([send.address, *p.encode(send.signature, msg)], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("send to a peer failed: %s", exc)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,199 @@
+"""The ``taskmesh`` command: thin typer commands that build a config and call one library function.
+
+Every option also reads a ``TASKMESH_*`` environment variable (shown in ``--help``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from taskmesh.config import (
+    DEFAULT_BROKER,
+    BrokerConfig,
+    HeartbeatConfig,
+    WorkerConfig,
+    default_worker_name,
+)
+from taskmesh.errors import TaskmeshError
+
+app = typer.Typer(
+    name="taskmesh",
+    help="taskmesh: a distributed task queue and worker framework over ZeroMQ.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+LogLevel = Annotated[
+    str,
+    typer.Option("--log-level", envvar="TASKMESH_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR."),
+]
+HbInterval = Annotated[
+    float,
+    typer.Option("--heartbeat-interval", envvar="TASKMESH_HEARTBEAT_INTERVAL", min=0.01,
+                 help="Seconds between heartbeats."),
+]
+HbLiveness = Annotated[
+    int,
+    typer.Option("--heartbeat-liveness", envvar="TASKMESH_HEARTBEAT_LIVENESS", min=1,
+                 help="Missed heartbeats before a peer is declared dead."),
+]
+BrokerUrl = Annotated[
+    str,
+    typer.Option("--broker", envvar="TASKMESH_BROKER", help="Broker address, tcp://HOST:PORT."),
+]
+
+
+def _setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
+    logging.basicConfig(
+        level=numeric,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"taskmesh: {message}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def broker(
+    bind: Annotated[str, typer.Option("--bind", envvar="TASKMESH_BIND",
+                                      help="Address to listen on; port 0 picks a free one.")]
+    = DEFAULT_BROKER,
+    journal: Annotated[str, typer.Option("--journal", envvar="TASKMESH_JOURNAL",
+                                         help="Journal file; :memory: for no persistence.")]
+    = "taskmesh.db",
+    heartbeat_interval: HbInterval = 1.0,
+    heartbeat_liveness: HbLiveness = 3,
+    result_ttl: Annotated[float, typer.Option("--result-ttl", envvar="TASKMESH_RESULT_TTL",
+                                              min=0, help="Seconds outcomes are kept.")] = 3600.0,
+    max_message_bytes: Annotated[int, typer.Option("--max-message-bytes",
+                                                   envvar="TASKMESH_MAX_MESSAGE_BYTES", min=1024,
+                                                   help="Larger messages are dropped.")]
+    = 1 << 30,
+    insecure: Annotated[bool, typer.Option("--insecure", envvar="TASKMESH_INSECURE",
+                                           help="Allow a non-loopback bind without keys.")]
+    = False,
+    port_file: Annotated[str | None, typer.Option("--port-file", envvar="TASKMESH_PORT_FILE",
+                                                  help="Write the bound address to this file.")]
+    = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the broker."""
+    from taskmesh.broker import Broker, is_loopback
+
+    _setup_logging(log_level)
+    try:
+        config = BrokerConfig(
+            bind=bind,
+            journal=journal,
+            heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+            result_ttl_s=result_ttl,
+            max_message_bytes=max_message_bytes,
+            insecure=insecure,
+            port_file=port_file,
+        )
+        server = Broker(config)
+    except (TaskmeshError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if not is_loopback(bind):
+        logging.getLogger("taskmesh").warning(
+            "INSECURE: %s accepts unauthenticated peers; anyone who reaches it can run code "
+            "on every worker", bind
+        )
+    server.run()
+
+
+@app.command()
+def worker(
+    broker: BrokerUrl = DEFAULT_BROKER,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", envvar="TASKMESH_CONCURRENCY",
+                                             min=1, help="Executor processes.")]
+    = os.cpu_count() or 1,
+    queues: Annotated[str, typer.Option("--queues", "-q", envvar="TASKMESH_QUEUES",
+                                        help="Comma-separated queues to serve.")] = "default",
+    name: Annotated[str | None, typer.Option("--name", envvar="TASKMESH_WORKER_NAME",
+                                             help="Worker name; default HOST-PID.")] = None,
+    prefetch: Annotated[int, typer.Option("--prefetch", envvar="TASKMESH_PREFETCH", min=0,
+                                          help="Extra tasks held beyond the free slots.")] = 0,
+    heartbeat_interval: HbInterval = 1.0,
+    heartbeat_liveness: HbLiveness = 3,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a worker node: a supervisor and N executor processes."""
+    from taskmesh.worker import WorkerNode
+
+    _setup_logging(log_level)
+    # like `python script.py`, let tasks import modules from the folder the worker starts in
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        config = WorkerConfig(
+            broker=broker,
+            concurrency=concurrency,
+            queues=tuple(q.strip() for q in queues.split(",") if q.strip()),
+            name=name or default_worker_name(),
+            heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+            prefetch=prefetch,
+        )
+        node = WorkerNode(config)
+        node.run()
+    except (TaskmeshError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def status(
+    broker: BrokerUrl = DEFAULT_BROKER,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", envvar="TASKMESH_STATUS_TIMEOUT", min=0.1,
+                                           help="Seconds to wait for the broker.")] = 3.0,
+) -> None:
+    """Print one snapshot of workers, queues and counters; exit 1 if no broker answers."""
+    from taskmesh.client import fetch_status
+    from taskmesh.status import print_status
+
+    try:
+        snapshot = fetch_status(broker, timeout)
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print_status(snapshot)
+
+
+@app.command()
+def demo(
+    tasks: Annotated[int, typer.Option("--tasks", min=10, help="How many tasks to run.")] = 300,
+    workers: Annotated[int, typer.Option("--workers", min=2, help="Local worker nodes.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1,
+                                             help="Executors per worker.")] = 2,
+) -> None:
+    """An embedded broker and local workers running a real workload, then a summary."""
+    from taskmesh.demo import run_demo
+
+    try:
+        code = run_demo(tasks=tasks, workers=workers, concurrency=concurrency)
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

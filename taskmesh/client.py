@@ -1,0 +1,489 @@
+"""The producer: ``Client`` (a ``concurrent.futures.Executor``) and ``TaskFuture``.
+
+One background I/O thread owns the producer's socket (ZeroMQ sockets are not thread-safe).
+Callers pickle in their own thread (so a pickling error raises at ``submit``), append the task
+to a queue and wake the I/O thread, which sends everything queued as one ``Submit``: batching
+comes for free when submits arrive faster than one round trip.
+
+Delivery rules kept here:
+- A submit stays in ``_unacked`` until the broker acknowledges it and is sent again after a
+  reconnect (the broker dedupes by task id). One unacknowledged for ``connect_timeout_s``
+  fails its future with ``BrokerUnavailable``.
+- After a reconnect the client asks (``Watch``) for the outcome of every acknowledged,
+  unresolved future. Futures resolve once: later copies of an outcome are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, InvalidStateError
+from typing import Any, TypeVar
+
+import zmq
+
+from taskmesh import protocol as p
+from taskmesh.config import DEFAULT_QUEUE, ClientConfig, default_broker
+from taskmesh.errors import BrokerUnavailable, ProtocolError, TaskmeshError
+from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
+from taskmesh.transport import check_endpoint, dealer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_MAX_BATCH = 2000  # tasks per Submit message
+
+#: per-call options: leading underscore so they never collide with the user's keyword arguments
+CALL_OPTIONS = frozenset(
+    {"_queue", "_priority", "_timeout", "_retries", "_max_attempts", "_countdown", "_key"}
+)
+
+
+class TaskFuture(Future[T]):
+    """A ``concurrent.futures.Future`` for one remote task; awaitable from asyncio."""
+
+    def __init__(self, task_id: str, name: str, client: Client) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.name = name
+        self._client = client
+
+    def cancel(self) -> bool:
+        """Cancel locally and ask the broker to drop the task if it has not started yet."""
+        if self.done():
+            return False
+        self._client._request_cancel([self.task_id], terminate=False)
+        return super().cancel()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.name} [{self.task_id}] {self._state.lower()}>"
+
+
+class Client(Executor):
+    """A connection to a taskmesh broker that runs callables remotely.
+
+    ``with Client(url) as client: client.submit(fn, *args).result()``
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        connect_timeout_s: float | None = None,
+        name: str = "",
+        config: ClientConfig | None = None,
+    ) -> None:
+        base = config or ClientConfig()
+        url = broker or base.broker or default_broker()
+        check_endpoint(url)
+        self.config = ClientConfig(
+            broker=url,
+            connect_timeout_s=base.connect_timeout_s if connect_timeout_s is None
+            else connect_timeout_s,
+            heartbeat=base.heartbeat,
+            name=name or base.name,
+        )
+        self.client_id = uuid.uuid4().hex[:16]
+        self._ids = itertools.count(1)
+        self._futures: dict[str, TaskFuture[Any]] = {}
+        self._unacked: dict[str, tuple[float, p.TaskSpec]] = {}
+        self._outgoing: deque[p.TaskSpec] = deque()
+        self._cancels: deque[tuple[list[str], bool]] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_flag = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._sock = dealer(self._ctx, url)  # raises BrokerUnavailable for a bad address
+        self._connected = False
+        self._broker_seen = time.monotonic()
+        self._thread = threading.Thread(target=self._io_loop, name="taskmesh-client", daemon=True)
+        self._thread.start()
+
+    @property
+    def broker(self) -> str:
+        return self.config.broker
+
+    # ------------------------------------------------------------------ Executor API
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskFuture[T]:
+        """Run ``fn(*args, **kwargs)`` on a worker; options as ``_queue=``, ``_priority=``..."""
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
+        return self.submit_call(fn, args, kwargs, **{k[1:]: v for k, v in options.items()})
+
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        timeout: float | None = None,
+        retries: int = 0,
+        max_attempts: int = 3,
+        countdown: float = 0.0,
+        key: str | None = None,
+        fn_blob: bytes | None = None,
+    ) -> TaskFuture[Any]:
+        """The one place a task is built: every submit path (``Task.submit`` too) ends here."""
+        if self._closed:
+            raise RuntimeError("cannot submit to a closed taskmesh Client")
+        _check_options(queue, priority, timeout, retries, max_attempts, countdown)
+        display = name or callable_name(fn)
+        spec = p.TaskSpec(
+            task_id=f"{self.client_id}-{next(self._ids)}",
+            name=display,
+            queue=queue,
+            fn=fn_blob if fn_blob is not None else dumps_function(fn),
+            args=dumps_call(display, args, kwargs),
+            priority=int(priority),
+            timeout_s=None if timeout is None else float(timeout),
+            retries=int(retries),
+            max_attempts=int(max_attempts),
+            countdown_s=float(countdown),
+            key=key,
+        )
+        future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
+        with self._lock:
+            self._futures[spec.task_id] = future
+        self._outgoing.append(spec)
+        self._wake()
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: submit all, yield results in order."""
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Wait for outstanding futures (if ``wait``), then close the connection."""
+        if self._closed:
+            return
+        if cancel_futures:
+            with self._lock:
+                pending = [f for f in self._futures.values() if not f.done()]
+            for future in pending:
+                future.cancel()
+        if wait:
+            with self._lock:
+                pending = list(self._futures.values())
+            for future in pending:
+                try:
+                    future.exception()
+                except Exception:
+                    pass
+        self.close()
+
+    def close(self) -> None:
+        """Close now; unresolved futures fail with ``TaskmeshError``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake(force=True)
+        self._thread.join(timeout=5.0)
+        with self._lock:
+            leftovers = list(self._futures.values())
+            self._futures.clear()
+        for future in leftovers:
+            _settle(future, False, TaskmeshError("the taskmesh Client was closed first"))
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def cancel(self, futures: Iterable[TaskFuture[Any]], terminate: bool = False) -> None:
+        """Cancel tasks; with ``terminate`` a running task's executor is killed too."""
+        ids = []
+        for future in futures:
+            if not future.done():
+                ids.append(future.task_id)
+                Future.cancel(future)
+        if ids:
+            self._request_cancel(ids, terminate)
+
+    def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """One status snapshot from the broker."""
+        return fetch_status(self.config.broker, timeout_s)
+
+    # ------------------------------------------------------------------ I/O thread side
+
+    def _request_cancel(self, task_ids: list[str], terminate: bool) -> None:
+        self._cancels.append((task_ids, terminate))
+        self._wake()
+
+    def _wake(self, force: bool = False) -> None:
+        if force or not self._wake_flag:
+            self._wake_flag = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _io_loop(self) -> None:
+        try:
+            self._hello()
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            interval = self.config.heartbeat.interval_s
+            last_sent = time.monotonic()
+            while not self._closed:
+                events = dict(poller.poll(interval * 1000))
+                now = time.monotonic()
+                if self._wake_r in events:
+                    self._wake_flag = False
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if self._sock in events:
+                    self._receive(now)
+                if self._send_outgoing(now):
+                    last_sent = now
+                if self._closed:
+                    break
+                if now - self._broker_seen > self.config.heartbeat.timeout_s:
+                    if self._connected:
+                        log.warning("broker %s stopped answering; reconnecting", self.broker)
+                    self._reconnect(poller, now)
+                    last_sent = now
+                elif now - last_sent >= interval:
+                    self._send(p.Heartbeat())
+                    last_sent = now
+                self._expire_unacked(now)
+            try:
+                self._send(p.Bye())
+            except Exception:
+                pass
+        except Exception:
+            log.exception("taskmesh client I/O thread failed")
+            self._fail_all(TaskmeshError("the taskmesh client I/O thread failed; see the log"))
+        finally:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+    def _hello(self) -> None:
+        self._send(p.Hello(self.client_id, self.config.name, socket.gethostname(), os.getpid()))
+
+    def _send(self, msg: p.Message) -> None:
+        self._sock.send_multipart(p.encode(p.PRODUCER, msg), copy=False)
+
+    def _send_outgoing(self, now: float) -> bool:
+        sent = False
+        while self._cancels:
+            ids, terminate = self._cancels.popleft()
+            self._send(p.Cancel(ids, terminate))
+            sent = True
+        while self._outgoing:
+            batch: list[p.TaskSpec] = []
+            while self._outgoing and len(batch) < _MAX_BATCH:
+                spec = self._outgoing.popleft()
+                batch.append(spec)
+                self._unacked[spec.task_id] = (now, spec)
+            self._send(p.Submit(batch))
+            sent = True
+        return sent
+
+    def _receive(self, now: float) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                signature, msg = p.decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            self._broker_seen = now
+            self._on_message(msg, now)
+
+    def _on_message(self, msg: p.Message, now: float) -> None:
+        if isinstance(msg, p.Outcomes):
+            self._resolve(msg.outcomes)
+        elif isinstance(msg, p.Ack):
+            for task_id in msg.task_ids:
+                self._unacked.pop(task_id, None)
+        elif isinstance(msg, p.Welcome):
+            if not self._connected:
+                log.debug("connected to broker %s at %s", msg.broker_id, self.broker)
+            self._connected = True
+        elif isinstance(msg, p.Reconnect):
+            self._resync()
+        elif isinstance(msg, p.Error):
+            log.error("broker refused a message: %s: %s", msg.code, msg.message)
+            error = ProtocolError(f"the broker refused task(s): {msg.code}: {msg.message}")
+            for task_id in msg.task_ids:
+                self._unacked.pop(task_id, None)
+                self._settle_id(task_id, False, error)
+
+    def _resolve(self, outcomes: list[p.Outcome]) -> None:
+        for outcome in outcomes:
+            self._unacked.pop(outcome.task_id, None)
+            with self._lock:
+                future = self._futures.pop(outcome.task_id, None)
+            if future is None or future.done():
+                continue  # already resolved (or cancelled locally): outcomes count once
+            ok, value = load_outcome(outcome, future.name)
+            _settle(future, ok, value)
+
+    def _settle_id(self, task_id: str, ok: bool, value: Any) -> None:
+        with self._lock:
+            future = self._futures.pop(task_id, None)
+        if future is not None:
+            _settle(future, ok, value)
+
+    def _resync(self) -> None:
+        """Say hello again, resend what the broker never acknowledged, ask for the rest."""
+        self._hello()
+        unacked = [spec for _, spec in self._unacked.values()]
+        for i in range(0, len(unacked), _MAX_BATCH):
+            self._send(p.Submit(unacked[i : i + _MAX_BATCH]))
+        with self._lock:
+            watched = [t for t in self._futures if t not in self._unacked]
+        for i in range(0, len(watched), 10_000):
+            self._send(p.Watch(watched[i : i + 10_000]))
+
+    def _reconnect(self, poller: zmq.Poller, now: float) -> None:
+        poller.unregister(self._sock)
+        self._sock.close(linger=0)
+        self._sock = dealer(self._ctx, self.broker)
+        poller.register(self._sock, zmq.POLLIN)
+        self._connected = False
+        # wait a full liveness period for an answer before trying again
+        self._broker_seen = now
+        self._resync()
+
+    def _expire_unacked(self, now: float) -> None:
+        if not self._unacked:
+            return
+        limit = self.config.connect_timeout_s
+        expired = [t for t, (sent, _) in self._unacked.items() if now - sent > limit]
+        if not expired:
+            return
+        error = BrokerUnavailable(
+            f"no broker acknowledged the task within {limit:g}s at {self.broker}: is "
+            "`taskmesh broker` running there and reachable?"
+        )
+        for task_id in expired:
+            del self._unacked[task_id]
+            self._settle_id(task_id, False, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            futures = list(self._futures.values())
+            self._futures.clear()
+        for future in futures:
+            _settle(future, False, error)
+
+
+def _settle(future: Future[Any], ok: bool, value: Any) -> None:
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except InvalidStateError:
+        pass  # cancelled locally in the meantime
+
+
+def _check_options(
+    queue: str,
+    priority: int,
+    timeout: float | None,
+    retries: int,
+    max_attempts: int,
+    countdown: float,
+) -> None:
+    if not isinstance(queue, str) or not queue:
+        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+    if not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, got {priority!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+    if countdown < 0:
+        raise ValueError(f"countdown must be >= 0 seconds, got {countdown!r}")
+
+
+def fetch_status(broker: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Ask a broker for one status snapshot; ``BrokerUnavailable`` if none answers in time."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        sock = dealer(ctx, broker)
+        try:
+            sock.send_multipart(p.encode(p.PRODUCER, p.StatusRequest()))
+            deadline = time.monotonic() + timeout_s
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(left * 1000):
+                    raise BrokerUnavailable(
+                        f"no broker answered at {broker} within {timeout_s:g}s"
+                    )
+                try:
+                    _, msg = p.decode(sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                if isinstance(msg, p.StatusReply):
+                    return msg.snapshot
+        finally:
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+
+
+# --------------------------------------------------------------------------- the default client
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def connect(broker: str | None = None, *, connect_timeout_s: float | None = None) -> Client:
+    """Set (and return) the client that ``Task.submit`` and ``Task.map`` use."""
+    global _default
+    client = Client(broker or default_broker(), connect_timeout_s=connect_timeout_s)
+    with _default_lock:
+        old, _default = _default, client
+    if old is not None:
+        old.close()
+    return client
+
+
+def default_client() -> Client:
+    """The client set by ``connect``, created on first use from ``TASKMESH_BROKER``."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Client(default_broker())
+        return _default
+
+
+@atexit.register
+def _close_default() -> None:
+    client = _default
+    if client is not None:
+        client.close()

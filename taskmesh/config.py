@@ -1,0 +1,78 @@
+"""Settings as frozen dataclasses. Defaults live here and nowhere else.
+
+Precedence: these defaults < ``TASKMESH_*`` environment variables < command-line flags. The CLI
+reads the variables through typer (each option names its variable) and builds one of these.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_QUEUE = "default"
+
+
+def default_broker() -> str:
+    """The broker a producer or worker uses when none is named: TASKMESH_BROKER, else loopback."""
+    return os.environ.get("TASKMESH_BROKER") or DEFAULT_BROKER
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfig:
+    interval_s: float = 1.0
+    liveness: int = 3  # missed intervals before a peer is declared dead
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"heartbeat interval must be > 0 seconds, got {self.interval_s}")
+        if self.liveness < 1:
+            raise ValueError(f"heartbeat liveness must be >= 1, got {self.liveness}")
+
+    @property
+    def timeout_s(self) -> float:
+        return self.interval_s * self.liveness
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    bind: str = DEFAULT_BROKER
+    journal: str = "taskmesh.db"
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    result_ttl_s: float = 3600.0
+    max_message_bytes: int = 1 << 30
+    insecure: bool = False
+    port_file: str | None = None  # where to write the bound endpoint (for --bind ...:0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    broker: str = field(default_factory=default_broker)
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+    name: str = field(default_factory=default_worker_name)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    prefetch: int = 0
+    reconnect_max_s: float = 10.0
+    max_message_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if not self.queues or any(not q for q in self.queues):
+            raise ValueError(f"queues must be non-empty names, got {self.queues!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    broker: str = field(default_factory=default_broker)
+    connect_timeout_s: float = 10.0  # unacknowledged submits fail after this long without a broker
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    name: str = ""

@@ -1,0 +1,707 @@
+"""The broker's decisions as a pure state machine: messages and clock ticks in, sends out.
+
+No sockets, no threads, no wall clock: every entry point takes ``now`` (monotonic seconds), so
+queues, credit, liveness, requeues, retries and dedupe are unit-tested by feeding messages with an
+explicit clock. The broker shell (``broker.py``) turns frames into ``handle`` calls and the
+returned ``Send`` actions into frames.
+
+Delivery rules kept here:
+- A worker never receives more tasks than the credit it granted; least-loaded workers first.
+- A worker that misses ``heartbeat_liveness`` intervals is dead; each task it held is requeued
+  with attempt + 1, or fails with ``WORKER_LOST`` once it has been lost ``max_attempts`` times.
+- The first outcome of a task wins; any later one (a worker presumed dead that came back, a
+  duplicate resend) is acknowledged to the worker and dropped, so a producer sees one outcome.
+- A submit is idempotent by task id: a producer that resends after a lost ack creates no twin.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from taskmesh.protocol import (
+    PRODUCER,
+    WORKER,
+    Abort,
+    Ack,
+    Assignment,
+    Bye,
+    Cancel,
+    Credit,
+    Disconnect,
+    Error,
+    ErrorInfo,
+    Heartbeat,
+    Hello,
+    Message,
+    Outcome,
+    Outcomes,
+    Ready,
+    Reconnect,
+    Results,
+    ResultsAck,
+    Status,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    Tasks,
+    TaskSpec,
+    Watch,
+    Welcome,
+)
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "pending"
+    DELAYED = "delayed"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class WorkerState(enum.StrEnum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message`` to the peer at ROUTER ``address``, speaking ``signature``."""
+
+    address: bytes
+    signature: bytes
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    result_ttl_s: float = 3600.0
+    recent_failures: int = 20
+
+
+class TaskRecord:
+    """Everything the broker knows of one task. Slotted: there may be a million of them."""
+
+    __slots__ = (
+        "attempt",
+        "client_id",
+        "errors",
+        "lost",
+        "outcome",
+        "queued_at",
+        "seq",
+        "spec",
+        "started_at",
+        "state",
+        "submitted_at",
+        "worker_id",
+    )
+
+    def __init__(self, spec: TaskSpec, client_id: str, seq: int, now: float) -> None:
+        self.spec = spec
+        self.client_id = client_id
+        self.seq = seq
+        self.state = TaskState.PENDING
+        self.attempt = 1
+        self.errors = 0
+        self.lost = 0
+        self.worker_id: str | None = None
+        self.submitted_at = now
+        self.queued_at = now
+        self.started_at = 0.0
+        self.outcome: Outcome | None = None
+
+
+class WorkerRecord:
+    __slots__ = (
+        "address",
+        "concurrency",
+        "credit",
+        "done",
+        "failed",
+        "host",
+        "joined_at",
+        "last_seen",
+        "name",
+        "pid",
+        "queues",
+        "running",
+        "seq",
+        "worker_id",
+    )
+
+    def __init__(self, msg: Ready, address: bytes, seq: int, now: float) -> None:
+        self.worker_id = msg.worker_id
+        self.address = address
+        self.name = msg.name
+        self.host = msg.host
+        self.pid = msg.pid
+        self.queues = tuple(dict.fromkeys(msg.queues))
+        self.concurrency = msg.concurrency
+        self.credit = msg.credit
+        self.running: set[str] = set()
+        self.joined_at = now
+        self.last_seen = now
+        self.done = 0
+        self.failed = 0
+        self.seq = seq
+
+
+class ProducerRecord:
+    __slots__ = ("address", "client_id", "host", "last_seen", "name", "pid")
+
+    def __init__(self, msg: Hello, address: bytes, now: float) -> None:
+        self.client_id = msg.client_id
+        self.address = address
+        self.name = msg.name
+        self.host = msg.host
+        self.pid = msg.pid
+        self.last_seen = now
+
+
+class QueueStats:
+    __slots__ = ("done", "failed", "pending", "running")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.running = 0
+        self.done = 0
+        self.failed = 0
+
+
+_MAX_CREDIT = 1_000_000
+
+
+class Scheduler:
+    """The broker's state: tasks, queues, workers, producers; all decisions, no I/O."""
+
+    def __init__(self, config: SchedulerConfig | None = None, broker_id: str = "broker") -> None:
+        self.config = config or SchedulerConfig()
+        self.broker_id = broker_id
+        self.tasks: dict[str, TaskRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.producers: dict[str, ProducerRecord] = {}
+        # ROUTER address -> ("p", client_id) or ("w", worker_id)
+        self._peers: dict[bytes, tuple[str, str]] = {}
+        # per queue: heap of (-priority, seq, task_id); stale entries are skipped on pop
+        self._queues: dict[str, list[tuple[int, int, str]]] = {}
+        self._delayed: list[tuple[float, int, str]] = []
+        self._retired: list[tuple[float, str]] = []  # (finished_at, task_id), for the TTL
+        self._seq = itertools.count()
+        self._worker_seq = itertools.count()
+        self.stats: dict[str, QueueStats] = {}
+        self.counters = {
+            "submitted": 0,
+            "done": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "requeued": 0,
+            "retried": 0,
+            "workers_lost": 0,
+            "duplicates_dropped": 0,
+        }
+        self.recent_failures: list[dict[str, Any]] = []
+        self.dead_workers: list[dict[str, Any]] = []
+        # what flush() turns into batched sends
+        self._out_tasks: dict[str, list[Assignment]] = {}
+        self._out_outcomes: dict[str, list[Outcome]] = {}
+        self._out_acks: dict[str, list[str]] = {}
+        self._out_results_acks: dict[bytes, list[str]] = {}
+        self._dirty = False  # something may be dispatchable
+        self._immediate: list[Send] = []
+
+    # ------------------------------------------------------------------ entry points
+
+    def handle(self, address: bytes, signature: bytes, msg: Message, now: float) -> list[Send]:
+        """Apply one message from the peer at ``address``; return the immediate replies."""
+        self._immediate = []
+        peer = self._peers.get(address)
+        if signature == PRODUCER:
+            replies = self._handle_producer(address, peer, msg, now)
+        else:
+            replies = self._handle_worker(address, peer, msg, now)
+        return replies + self._immediate if self._immediate else replies
+
+    def tick(self, now: float) -> list[Send]:
+        """Periodic duties: liveness, heartbeats, delayed tasks, retention."""
+        sends: list[Send] = []
+        deadline = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > deadline:
+                self._worker_died(worker, now, reason="missed heartbeats")
+            else:
+                sends.append(Send(worker.address, WORKER, Heartbeat()))
+        for producer in list(self.producers.values()):
+            if now - producer.last_seen > deadline:
+                # keep its tasks and outcomes; it gets them after it says hello again
+                self._peers.pop(producer.address, None)
+                del self.producers[producer.client_id]
+            else:
+                sends.append(Send(producer.address, PRODUCER, Heartbeat()))
+        self._release_delayed(now)
+        self._expire(now)
+        return sends
+
+    def flush(self, now: float) -> list[Send]:
+        """Dispatch what can be dispatched and emit every batched send accumulated so far."""
+        if self._dirty:
+            self._dirty = False
+            self._dispatch(now)
+        sends: list[Send] = []
+        for worker_id, assignments in self._out_tasks.items():
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                sends.append(Send(worker.address, WORKER, Tasks(assignments)))
+        for address, task_ids in self._out_results_acks.items():
+            sends.append(Send(address, WORKER, ResultsAck(task_ids)))
+        for client_id, task_ids in self._out_acks.items():
+            producer = self.producers.get(client_id)
+            if producer is not None:
+                sends.append(Send(producer.address, PRODUCER, Ack(task_ids)))
+        for client_id, outcomes in self._out_outcomes.items():
+            producer = self.producers.get(client_id)
+            if producer is not None:
+                sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes)))
+        self._out_tasks = {}
+        self._out_results_acks = {}
+        self._out_acks = {}
+        self._out_outcomes = {}
+        return sends
+
+    def next_deadline(self, now: float) -> float | None:
+        """When the earliest delayed task becomes due, if any."""
+        return self._delayed[0][0] if self._delayed else None
+
+    # ------------------------------------------------------------------ producers
+
+    def _handle_producer(
+        self, address: bytes, peer: tuple[str, str] | None, msg: Message, now: float
+    ) -> list[Send]:
+        if isinstance(msg, Hello):
+            return self._hello(address, msg, now)
+        if isinstance(msg, StatusRequest):
+            return [Send(address, PRODUCER, StatusReply(self.snapshot(now)))]
+        if peer is None or peer[0] != "p":
+            if isinstance(msg, Bye):
+                return []
+            return [Send(address, PRODUCER, Reconnect())]
+        producer = self.producers[peer[1]]
+        producer.last_seen = now
+        if isinstance(msg, Submit):
+            self._submit(producer, msg.tasks, now)
+        elif isinstance(msg, Cancel):
+            self._cancel(msg.task_ids, msg.terminate, now)
+        elif isinstance(msg, Watch):
+            self._watch(producer, msg.task_ids)
+        elif isinstance(msg, Bye):
+            self._peers.pop(address, None)
+            del self.producers[producer.client_id]
+        return []
+
+    def _hello(self, address: bytes, msg: Hello, now: float) -> list[Send]:
+        old = self.producers.get(msg.client_id)
+        if old is not None and old.address != address:
+            self._peers.pop(old.address, None)
+        self._forget_address(address)
+        self.producers[msg.client_id] = ProducerRecord(msg, address, now)
+        self._peers[address] = ("p", msg.client_id)
+        welcome = Welcome(
+            self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
+        )
+        return [Send(address, PRODUCER, welcome)]
+
+    def _submit(self, producer: ProducerRecord, specs: Iterable[TaskSpec], now: float) -> None:
+        acks = self._out_acks.setdefault(producer.client_id, [])
+        for spec in specs:
+            acks.append(spec.task_id)
+            existing = self.tasks.get(spec.task_id)
+            if existing is not None:  # a resend after a lost ack: same task, no twin
+                existing.client_id = producer.client_id
+                if existing.outcome is not None:
+                    self._deliver(existing, existing.outcome)
+                continue
+            record = TaskRecord(spec, producer.client_id, next(self._seq), now)
+            self.tasks[spec.task_id] = record
+            self.counters["submitted"] += 1
+            self._stats(spec.queue)
+            if spec.countdown_s > 0:
+                record.state = TaskState.DELAYED
+                heapq.heappush(self._delayed, (now + spec.countdown_s, record.seq, spec.task_id))
+            else:
+                self._enqueue(record, now)
+
+    def _cancel(self, task_ids: Iterable[str], terminate: bool, now: float) -> None:
+        aborts: dict[str, list[str]] = {}
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if record is None or record.state in TERMINAL:
+                continue
+            if record.state is TaskState.RUNNING:
+                if terminate and record.worker_id is not None:
+                    aborts.setdefault(record.worker_id, []).append(task_id)
+                continue
+            self._stop_running(record)
+            self._finish(record, Outcome(task_id, Status.CANCELLED), TaskState.CANCELLED, now)
+        for worker_id, ids in aborts.items():
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                self._immediate.append(Send(worker.address, WORKER, Abort(ids)))
+
+    def _watch(self, producer: ProducerRecord, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if record is None:
+                unknown = Outcome(task_id, Status.UNKNOWN)
+                self._out_outcomes.setdefault(producer.client_id, []).append(unknown)
+                continue
+            record.client_id = producer.client_id
+            if record.outcome is not None:
+                self._deliver(record, record.outcome)
+
+    # ------------------------------------------------------------------ workers
+
+    def _handle_worker(
+        self, address: bytes, peer: tuple[str, str] | None, msg: Message, now: float
+    ) -> list[Send]:
+        if isinstance(msg, Ready):
+            return self._ready(address, msg, now)
+        if peer is None or peer[0] != "w":
+            return [] if isinstance(msg, Disconnect) else [Send(address, WORKER, Reconnect())]
+        worker = self.workers[peer[1]]
+        worker.last_seen = now
+        if isinstance(msg, Credit):
+            return self._grant(worker, msg.n)
+        if isinstance(msg, Results):
+            self._results(worker, msg.outcomes, now)
+            return self._grant(worker, msg.credit)
+        if isinstance(msg, Disconnect):
+            self._worker_left(worker, now)
+        return []
+
+    def _ready(self, address: bytes, msg: Ready, now: float) -> list[Send]:
+        if msg.concurrency < 1 or not 0 <= msg.credit <= _MAX_CREDIT or not msg.queues:
+            return [Send(address, WORKER, Error("bad-ready", "invalid concurrency, credit or queues"))]
+        existing = self.workers.get(msg.worker_id)
+        if existing is not None:
+            # the same live worker on a fresh socket: its running tasks are still its own
+            self._peers.pop(existing.address, None)
+            existing.address = address
+            existing.credit = msg.credit
+            existing.last_seen = now
+            existing.queues = tuple(dict.fromkeys(msg.queues))
+        else:
+            self._forget_address(address)
+            self.workers[msg.worker_id] = WorkerRecord(msg, address, next(self._worker_seq), now)
+        self._peers[address] = ("w", msg.worker_id)
+        self._dirty = True
+        welcome = Welcome(
+            self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
+        )
+        return [Send(address, WORKER, welcome)]
+
+    def _grant(self, worker: WorkerRecord, n: int) -> list[Send]:
+        if n < 0 or worker.credit + n > _MAX_CREDIT:
+            return [Send(worker.address, WORKER, Error("bad-credit", f"invalid credit {n}"))]
+        if n:
+            worker.credit += n
+            self._dirty = True
+        return []
+
+    def _results(self, worker: WorkerRecord, outcomes: Iterable[Outcome], now: float) -> None:
+        acks = self._out_results_acks.setdefault(worker.address, [])
+        for outcome in outcomes:
+            acks.append(outcome.task_id)
+            worker.running.discard(outcome.task_id)
+            record = self.tasks.get(outcome.task_id)
+            if record is None or record.state in TERMINAL:
+                self.counters["duplicates_dropped"] += 1
+                continue
+            current = record.state is TaskState.RUNNING and record.worker_id == worker.worker_id
+            if not current and outcome.status is not Status.OK:
+                # a stale run (its worker was presumed dead) failed: the live run decides
+                self.counters["duplicates_dropped"] += 1
+                continue
+            if outcome.status is Status.LOST:
+                self._lost(record, now, f"its executor on {worker.name} died")
+                continue
+            # a late success from a worker presumed dead still counts: first outcome wins
+            self._stop_running(record)
+            self._outcome(record, outcome, worker, now)
+
+    def _outcome(
+        self, record: TaskRecord, outcome: Outcome, worker: WorkerRecord, now: float
+    ) -> None:
+        spec = record.spec
+        if outcome.status is Status.OK:
+            worker.done += 1
+            self._finish(record, Outcome(spec.task_id, Status.OK, outcome.value, None,
+                                         outcome.run_s), TaskState.DONE, now)
+            return
+        if outcome.status in (Status.ERROR, Status.TIMEOUT) and record.errors < spec.retries:
+            record.errors += 1
+            record.attempt += 1
+            self.counters["retried"] += 1
+            self._enqueue(record, now)
+            return
+        worker.failed += 1
+        state = TaskState.CANCELLED if outcome.status is Status.CANCELLED else TaskState.FAILED
+        final = Outcome(spec.task_id, outcome.status, outcome.value, outcome.error, outcome.run_s)
+        self._finish(record, final, state, now, worker_name=worker.name)
+
+    def _worker_left(self, worker: WorkerRecord, now: float) -> None:
+        """A clean goodbye: requeue what it held without charging an attempt."""
+        for task_id in list(worker.running):
+            record = self.tasks.get(task_id)
+            if record is None or record.state is not TaskState.RUNNING:
+                continue
+            if record.worker_id == worker.worker_id:
+                self._stop_running(record)
+                self.counters["requeued"] += 1
+                self._enqueue(record, now)
+        self._remove_worker(worker, now, "left")
+
+    def _worker_died(self, worker: WorkerRecord, now: float, reason: str) -> None:
+        self.counters["workers_lost"] += 1
+        for task_id in list(worker.running):
+            record = self.tasks.get(task_id)
+            if record is not None and record.state is TaskState.RUNNING:
+                if record.worker_id == worker.worker_id:
+                    self._lost(record, now, f"worker {worker.name} died ({reason})")
+        self._remove_worker(worker, now, reason)
+
+    def _remove_worker(self, worker: WorkerRecord, now: float, reason: str) -> None:
+        self._peers.pop(worker.address, None)
+        self.workers.pop(worker.worker_id, None)
+        self._out_tasks.pop(worker.worker_id, None)
+        self.dead_workers.append(
+            {"name": worker.name, "host": worker.host, "pid": worker.pid, "reason": reason}
+        )
+        del self.dead_workers[:-self.config.recent_failures]
+
+    def _lost(self, record: TaskRecord, now: float, why: str) -> None:
+        """The run was lost to a dead worker or executor: requeue, or stop a poison task."""
+        self._stop_running(record)
+        record.lost += 1
+        if record.lost >= record.spec.max_attempts:
+            message = (
+                f"task {record.spec.name} [{record.spec.task_id}] was lost {record.lost} times "
+                f"(max_attempts={record.spec.max_attempts}); last: {why}"
+            )
+            info = ErrorInfo("taskmesh.errors.WorkerLost", message, "", ("WorkerLost",))
+            outcome = Outcome(record.spec.task_id, Status.WORKER_LOST, b"", info)
+            self._finish(record, outcome, TaskState.FAILED, now)
+            return
+        record.attempt += 1
+        self.counters["requeued"] += 1
+        self._enqueue(record, now)
+
+    # ------------------------------------------------------------------ task lifecycle
+
+    def _stats(self, queue: str) -> QueueStats:
+        stats = self.stats.get(queue)
+        if stats is None:
+            stats = self.stats[queue] = QueueStats()
+        return stats
+
+    def _enqueue(self, record: TaskRecord, now: float) -> None:
+        record.state = TaskState.PENDING
+        record.worker_id = None
+        record.queued_at = now
+        spec = record.spec
+        heap = self._queues.get(spec.queue)
+        if heap is None:
+            heap = self._queues[spec.queue] = []
+        heapq.heappush(heap, (-spec.priority, record.seq, spec.task_id))
+        self.stats[spec.queue].pending += 1
+        self._dirty = True
+
+    def _stop_running(self, record: TaskRecord) -> None:
+        if record.state is TaskState.RUNNING:
+            self.stats[record.spec.queue].running -= 1
+            worker = self.workers.get(record.worker_id or "")
+            if worker is not None:
+                worker.running.discard(record.spec.task_id)
+        elif record.state is TaskState.PENDING:
+            self.stats[record.spec.queue].pending -= 1
+
+    def _finish(
+        self,
+        record: TaskRecord,
+        outcome: Outcome,
+        state: TaskState,
+        now: float,
+        worker_name: str = "",
+    ) -> None:
+        record.state = state
+        record.outcome = outcome
+        # the payload is no longer needed: keep only the outcome for redelivery
+        record.spec = _strip_payload(record.spec)
+        stats = self.stats[record.spec.queue]
+        if state is TaskState.DONE:
+            stats.done += 1
+            self.counters["done"] += 1
+        elif state is TaskState.CANCELLED:
+            self.counters["cancelled"] += 1
+        else:
+            stats.failed += 1
+            self.counters["failed"] += 1
+            error = outcome.error
+            self.recent_failures.append(
+                {
+                    "task_id": record.spec.task_id,
+                    "name": record.spec.name,
+                    "type": error.type_name if error else outcome.status.name,
+                    "message": (error.message if error else "")[:200],
+                    "worker": worker_name,
+                }
+            )
+            del self.recent_failures[: -self.config.recent_failures]
+        self._retired.append((now, record.spec.task_id))
+        self._deliver(record, outcome)
+
+    def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
+        self._out_outcomes.setdefault(record.client_id, []).append(outcome)
+
+    def _release_delayed(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task_id = heapq.heappop(self._delayed)
+            record = self.tasks.get(task_id)
+            if record is not None and record.state is TaskState.DELAYED:
+                self._enqueue(record, now)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.config.result_ttl_s
+        retired = self._retired
+        i = 0
+        while i < len(retired) and retired[i][0] <= horizon:
+            self.tasks.pop(retired[i][1], None)
+            i += 1
+        if i:
+            del retired[:i]
+
+    def _forget_address(self, address: bytes) -> None:
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            return
+        kind, peer_id = peer
+        if kind == "w" and peer_id in self.workers:
+            self.workers.pop(peer_id)
+        elif kind == "p":
+            self.producers.pop(peer_id, None)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, now: float) -> None:
+        """Hand pending tasks to workers with credit, most free credit first."""
+        candidates = [
+            (-w.credit, len(w.running), w.seq, w.worker_id)
+            for w in self.workers.values()
+            if w.credit > 0 and any(self.stats.get(q) and self.stats[q].pending for q in w.queues)
+        ]
+        heapq.heapify(candidates)
+        while candidates:
+            _, running, seq, worker_id = heapq.heappop(candidates)
+            worker = self.workers[worker_id]
+            record = self._pop_best(worker.queues)
+            if record is None:
+                continue
+            self._start(record, worker, now)
+            if worker.credit > 0:
+                heapq.heappush(candidates, (-worker.credit, running + 1, seq, worker_id))
+
+    def _pop_best(self, queues: tuple[str, ...]) -> TaskRecord | None:
+        best: tuple[int, int, str] | None = None
+        best_heap: list[tuple[int, int, str]] | None = None
+        for name in queues:
+            heap = self._queues.get(name)
+            while heap:
+                entry = heap[0]
+                record = self.tasks.get(entry[2])
+                if record is not None and record.state is TaskState.PENDING and record.seq == entry[1]:
+                    break
+                heapq.heappop(heap)  # stale: cancelled, finished elsewhere, or expired
+            if heap and (best is None or heap[0] < best):
+                best, best_heap = heap[0], heap
+        if best is None or best_heap is None:
+            return None
+        heapq.heappop(best_heap)
+        return self.tasks[best[2]]
+
+    def _start(self, record: TaskRecord, worker: WorkerRecord, now: float) -> None:
+        spec = record.spec
+        stats = self.stats[spec.queue]
+        stats.pending -= 1
+        stats.running += 1
+        record.state = TaskState.RUNNING
+        record.worker_id = worker.worker_id
+        record.started_at = now
+        worker.credit -= 1
+        worker.running.add(spec.task_id)
+        assignment = Assignment(spec.task_id, spec.name, spec.fn, spec.args, record.attempt,
+                                spec.timeout_s)
+        self._out_tasks.setdefault(worker.worker_id, []).append(assignment)
+
+    # ------------------------------------------------------------------ status
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Plain data for ``taskmesh status`` and the dashboard: computed from counters."""
+        interval = self.config.heartbeat_interval_s
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: w.seq):
+            age = now - w.last_seen
+            state = WorkerState.ALIVE if age <= interval * 1.5 else WorkerState.SUSPECT
+            workers.append(
+                {
+                    "worker_id": w.worker_id,
+                    "name": w.name,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "queues": list(w.queues),
+                    "concurrency": w.concurrency,
+                    "busy": len(w.running),
+                    "credit": w.credit,
+                    "done": w.done,
+                    "failed": w.failed,
+                    "heartbeat_age_s": round(age, 3),
+                    "state": str(state),
+                    "running": sorted(
+                        self.tasks[t].spec.name for t in w.running if t in self.tasks
+                    )[: w.concurrency],
+                }
+            )
+        queues = [
+            {
+                "name": name,
+                "pending": s.pending,
+                "running": s.running,
+                "done": s.done,
+                "failed": s.failed,
+            }
+            for name, s in sorted(self.stats.items())
+        ]
+        return {
+            "broker_id": self.broker_id,
+            "workers": workers,
+            "queues": queues,
+            "counters": dict(self.counters),
+            "workers_alive": len(self.workers),
+            "delayed": len(self._delayed),
+            "recent_failures": list(self.recent_failures),
+            "dead_workers": list(self.dead_workers),
+        }
+
+
+def _strip_payload(spec: TaskSpec) -> TaskSpec:
+    return TaskSpec(spec.task_id, spec.name, spec.queue, b"", b"", spec.priority, spec.timeout_s,
+                    spec.retries, spec.max_attempts, spec.countdown_s, spec.key)

@@ -1,0 +1,125 @@
+"""The producer's side of pickling: calls out, outcomes back.
+
+Functions defined in ``__main__`` (or in a module registered with
+``cloudpickle.register_pickle_by_value``) travel by value, so workers need no copy of a script.
+Functions from importable modules travel by reference: the worker imports the module.
+"""
+
+from __future__ import annotations
+
+import pickle
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cloudpickle
+
+from taskmesh.errors import (
+    RemoteError,
+    SerializationError,
+    TaskCancelled,
+    TaskLost,
+    TaskTimeout,
+    WorkerLost,
+)
+from taskmesh.protocol import Outcome, Status
+
+_fn_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def callable_name(fn: Any) -> str:
+    name = getattr(fn, "name", None) or getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """Pickle a task's callable once and reuse the bytes for every later call.
+
+    The cache holds the callable weakly; a callable that cannot be weakly referenced (a bound
+    method, a ``functools.partial``) is pickled on every call.
+    """
+    try:
+        return _fn_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        blob: bytes = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task function {callable_name(fn)} cannot be pickled: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        _fn_cache[fn] = blob
+    except TypeError:
+        pass
+    return blob
+
+
+def dumps_call(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+    """Pickle a call's arguments; on failure name the argument that cannot travel."""
+    try:
+        blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
+        return blob
+    except Exception as exc:
+        culprit = _find_unpicklable(args, kwargs)
+        raise SerializationError(
+            f"cannot send {name}(...) to a worker: {culprit} cannot be pickled: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _find_unpicklable(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    for i, value in enumerate(args):
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"argument {i} (a {type(value).__name__})"
+    for key, value in kwargs.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"keyword argument {key!r} (a {type(value).__name__})"
+    return "an argument"
+
+
+def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
+    """Turn an outcome into ``(True, value)`` or ``(False, exception)`` for a future."""
+    status = outcome.status
+    if status is Status.OK:
+        try:
+            return True, pickle.loads(outcome.value)
+        except Exception as exc:
+            err = SerializationError(
+                f"the result of task {name} [{outcome.task_id}] cannot be unpickled here: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            return False, err
+    info = outcome.error
+    message = info.message if info is not None else ""
+    if status is Status.TIMEOUT:
+        return False, TaskTimeout(message or f"task {name} [{outcome.task_id}] timed out")
+    if status is Status.WORKER_LOST:
+        return False, WorkerLost(message or f"task {name} [{outcome.task_id}] was lost")
+    if status is Status.CANCELLED:
+        return False, TaskCancelled(message or f"task {name} [{outcome.task_id}] was cancelled")
+    if status is Status.UNKNOWN:
+        return False, TaskLost(
+            f"the broker has no record of task {name} [{outcome.task_id}]: it restarted without "
+            "a journal, or the outcome outlived its retention time"
+        )
+    # Status.ERROR (and LOST, which a broker never forwards)
+    exc: BaseException | None = None
+    if outcome.value:
+        try:
+            loaded = pickle.loads(outcome.value)
+            if isinstance(loaded, BaseException):
+                exc = loaded
+        except Exception:
+            exc = None
+    tb_text = info.traceback if info is not None else ""
+    if exc is None:
+        type_name = info.type_name if info is not None else "Exception"
+        return False, RemoteError(type_name, message, tb_text)
+    if tb_text:
+        exc.add_note(f"Remote traceback of task {name} [{outcome.task_id}]:\n{tb_text.rstrip()}")
+    return False, exc

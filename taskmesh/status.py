@@ -1,0 +1,50 @@
+"""``taskmesh status``: one broker snapshot as rich tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def status_tables(snapshot: dict[str, Any]) -> list[Table]:
+    """The snapshot as three tables: workers, queues, counters."""
+    workers = Table(title="workers", title_justify="left")
+    for column in ("name", "host", "pid", "queues", "slots", "done", "failed", "heartbeat"):
+        workers.add_column(column, justify="right" if column in ("pid", "done", "failed") else "left")
+    for w in snapshot.get("workers", []):
+        workers.add_row(
+            str(w["name"]),
+            str(w["host"]),
+            str(w["pid"]),
+            ",".join(w["queues"]),
+            f"{w['busy']}/{w['concurrency']}",
+            str(w["done"]),
+            str(w["failed"]),
+            f"{w['heartbeat_age_s']:.1f}s ago",
+        )
+    queues = Table(title="queues", title_justify="left")
+    for column in ("queue", "pending", "running", "done", "failed"):
+        queues.add_column(column, justify="left" if column == "queue" else "right")
+    for q in snapshot.get("queues", []):
+        queues.add_row(q["name"], str(q["pending"]), str(q["running"]), str(q["done"]),
+                       str(q["failed"]))
+    counters = Table(title="counters", title_justify="left")
+    counters.add_column("counter")
+    counters.add_column("value", justify="right")
+    for key, value in sorted(snapshot.get("counters", {}).items()):
+        counters.add_row(key, str(value))
+    return [workers, queues, counters]
+
+
+def print_status(snapshot: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    broker = snapshot.get("broker", {})
+    console.print(
+        f"[bold]taskmesh broker[/] {snapshot.get('broker_id', '?')} at "
+        f"{broker.get('endpoint', '?')}, up {broker.get('uptime_s', 0):.0f}s, "
+        f"journal {broker.get('journal', '?')}, {snapshot.get('workers_alive', 0)} workers alive"
+    )
+    for table in status_tables(snapshot):
+        console.print(table)
