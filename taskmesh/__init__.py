@@ -1,12 +1,12 @@
 """taskmesh: a distributed task queue and worker framework for Python over ZeroMQ.
 
-    from taskmesh import task
+from taskmesh import task
 
-    @task
-    def add(x, y):
-        return x + y
+@task
+def add(x, y):
+    return x + y
 
-    add.submit(2, 3).result(timeout=10)   # 5, computed on a worker
+add.submit(2, 3).result(timeout=10)   # 5, computed on a worker
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class Broker:
 
     def run(self) -> None:
         in_main = _in_main_thread()
-        old_handlers: dict[int, Any] = {}
+        old_handlers: dict[signal.Signals, Any] = {}
         old_wakeup = -1
         if in_main:
             old_wakeup = signal.set_wakeup_fd(self._wake_w)
@@ -105,8 +105,12 @@ class Broker:
                 old_handlers[sig] = signal.signal(sig, lambda s, f: self.stop())
         if self.config.port_file:
             _write_atomically(self.config.port_file, self.endpoint + "\n")
-        log.info("broker %s listening on %s (journal %s)", self.broker_id, self.endpoint,
-                 self.config.journal)
+        log.info(
+            "broker %s listening on %s (journal %s)",
+            self.broker_id,
+            self.endpoint,
+            self.config.journal,
+        )
         try:
             self._loop()
         finally:
@@ -133,7 +137,7 @@ class Broker:
             due = sched.next_deadline(now)
             if due is not None:
                 wait = min(wait, due - now)
-            events = dict(poller.poll(max(0.0, wait) * 1000))
+            events = dict(poller.poll(int(max(0.0, wait) * 1000)))
             if self._wake_r in events:
                 try:
                     os.read(self._wake_r, 512)
@@ -160,8 +164,9 @@ class Broker:
         before = set(self.scheduler.workers)
         sends = self.scheduler.tick(now)
         for worker_id in before - set(self.scheduler.workers):
-            log.warning("worker %s declared dead (missed heartbeats); its tasks are requeued",
-                        worker_id)
+            log.warning(
+                "worker %s declared dead (missed heartbeats); its tasks are requeued", worker_id
+            )
         return sends
 
     def _on_frames(self, frames: list[Any], now: float) -> list[Send]:

@@ -36,13 +36,21 @@ LogLevel = Annotated[
 ]
 HbInterval = Annotated[
     float,
-    typer.Option("--heartbeat-interval", envvar="TASKMESH_HEARTBEAT_INTERVAL", min=0.01,
-                 help="Seconds between heartbeats."),
+    typer.Option(
+        "--heartbeat-interval",
+        envvar="TASKMESH_HEARTBEAT_INTERVAL",
+        min=0.01,
+        help="Seconds between heartbeats.",
+    ),
 ]
 HbLiveness = Annotated[
     int,
-    typer.Option("--heartbeat-liveness", envvar="TASKMESH_HEARTBEAT_LIVENESS", min=1,
-                 help="Missed heartbeats before a peer is declared dead."),
+    typer.Option(
+        "--heartbeat-liveness",
+        envvar="TASKMESH_HEARTBEAT_LIVENESS",
+        min=1,
+        help="Missed heartbeats before a peer is declared dead.",
+    ),
 ]
 BrokerUrl = Annotated[
     str,
@@ -68,26 +76,49 @@ def _fail(message: str) -> typer.Exit:
 
 @app.command()
 def broker(
-    bind: Annotated[str, typer.Option("--bind", envvar="TASKMESH_BIND",
-                                      help="Address to listen on; port 0 picks a free one.")]
-    = DEFAULT_BROKER,
-    journal: Annotated[str, typer.Option("--journal", envvar="TASKMESH_JOURNAL",
-                                         help="Journal file; :memory: for no persistence.")]
-    = "taskmesh.db",
+    bind: Annotated[
+        str,
+        typer.Option(
+            "--bind", envvar="TASKMESH_BIND", help="Address to listen on; port 0 picks a free one."
+        ),
+    ] = DEFAULT_BROKER,
+    journal: Annotated[
+        str,
+        typer.Option(
+            "--journal",
+            envvar="TASKMESH_JOURNAL",
+            help="Journal file; :memory: for no persistence.",
+        ),
+    ] = "taskmesh.db",
     heartbeat_interval: HbInterval = 1.0,
     heartbeat_liveness: HbLiveness = 3,
-    result_ttl: Annotated[float, typer.Option("--result-ttl", envvar="TASKMESH_RESULT_TTL",
-                                              min=0, help="Seconds outcomes are kept.")] = 3600.0,
-    max_message_bytes: Annotated[int, typer.Option("--max-message-bytes",
-                                                   envvar="TASKMESH_MAX_MESSAGE_BYTES", min=1024,
-                                                   help="Larger messages are dropped.")]
-    = 1 << 30,
-    insecure: Annotated[bool, typer.Option("--insecure", envvar="TASKMESH_INSECURE",
-                                           help="Allow a non-loopback bind without keys.")]
-    = False,
-    port_file: Annotated[str | None, typer.Option("--port-file", envvar="TASKMESH_PORT_FILE",
-                                                  help="Write the bound address to this file.")]
-    = None,
+    result_ttl: Annotated[
+        float,
+        typer.Option(
+            "--result-ttl", envvar="TASKMESH_RESULT_TTL", min=0, help="Seconds outcomes are kept."
+        ),
+    ] = 3600.0,
+    max_message_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-message-bytes",
+            envvar="TASKMESH_MAX_MESSAGE_BYTES",
+            min=1024,
+            help="Larger messages are dropped.",
+        ),
+    ] = 1 << 30,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", envvar="TASKMESH_INSECURE", help="Allow a non-loopback bind without keys."
+        ),
+    ] = False,
+    port_file: Annotated[
+        str | None,
+        typer.Option(
+            "--port-file", envvar="TASKMESH_PORT_FILE", help="Write the bound address to this file."
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the broker."""
@@ -110,7 +141,8 @@ def broker(
     if not is_loopback(bind):
         logging.getLogger("taskmesh").warning(
             "INSECURE: %s accepts unauthenticated peers; anyone who reaches it can run code "
-            "on every worker", bind
+            "on every worker",
+            bind,
         )
     server.run()
 
@@ -118,15 +150,33 @@ def broker(
 @app.command()
 def worker(
     broker: BrokerUrl = DEFAULT_BROKER,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", envvar="TASKMESH_CONCURRENCY",
-                                             min=1, help="Executor processes.")]
-    = os.cpu_count() or 1,
-    queues: Annotated[str, typer.Option("--queues", "-q", envvar="TASKMESH_QUEUES",
-                                        help="Comma-separated queues to serve.")] = "default",
-    name: Annotated[str | None, typer.Option("--name", envvar="TASKMESH_WORKER_NAME",
-                                             help="Worker name; default HOST-PID.")] = None,
-    prefetch: Annotated[int, typer.Option("--prefetch", envvar="TASKMESH_PREFETCH", min=0,
-                                          help="Extra tasks held beyond the free slots.")] = 0,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency", "-c", envvar="TASKMESH_CONCURRENCY", min=1, help="Executor processes."
+        ),
+    ] = os.cpu_count() or 1,
+    queues: Annotated[
+        str,
+        typer.Option(
+            "--queues", "-q", envvar="TASKMESH_QUEUES", help="Comma-separated queues to serve."
+        ),
+    ] = "default",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", envvar="TASKMESH_WORKER_NAME", help="Worker name; default HOST-PID."
+        ),
+    ] = None,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            "--prefetch",
+            envvar="TASKMESH_PREFETCH",
+            min=0,
+            help="Extra tasks held beyond the free slots.",
+        ),
+    ] = 0,
     heartbeat_interval: HbInterval = 1.0,
     heartbeat_liveness: HbLiveness = 3,
     log_level: LogLevel = "INFO",
@@ -157,8 +207,15 @@ def worker(
 def status(
     broker: BrokerUrl = DEFAULT_BROKER,
     as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", envvar="TASKMESH_STATUS_TIMEOUT", min=0.1,
-                                           help="Seconds to wait for the broker.")] = 3.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            envvar="TASKMESH_STATUS_TIMEOUT",
+            min=0.1,
+            help="Seconds to wait for the broker.",
+        ),
+    ] = 3.0,
 ) -> None:
     """Print one snapshot of workers, queues and counters; exit 1 if no broker answers."""
     from taskmesh.client import fetch_status
@@ -178,8 +235,9 @@ def status(
 def demo(
     tasks: Annotated[int, typer.Option("--tasks", min=10, help="How many tasks to run.")] = 300,
     workers: Annotated[int, typer.Option("--workers", min=2, help="Local worker nodes.")] = 2,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1,
-                                             help="Executors per worker.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Executors per worker.")
+    ] = 2,
 ) -> None:
     """An embedded broker and local workers running a real workload, then a summary."""
     from taskmesh.demo import run_demo

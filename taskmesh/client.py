@@ -91,7 +91,8 @@ class Client(Executor):
         check_endpoint(url)
         self.config = ClientConfig(
             broker=url,
-            connect_timeout_s=base.connect_timeout_s if connect_timeout_s is None
+            connect_timeout_s=base.connect_timeout_s
+            if connect_timeout_s is None
             else connect_timeout_s,
             heartbeat=base.heartbeat,
             name=name or base.name,
@@ -123,8 +124,12 @@ class Client(Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskFuture[T]:
         """Run ``fn(*args, **kwargs)`` on a worker; options as ``_queue=``, ``_priority=``..."""
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
-        return self.submit_call(fn, args, kwargs, **{k[1:]: v for k, v in options.items()})
+        options = {k[1:]: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
+        # a @task keeps its own defaults (queue, retries, ...) when submitted through a client
+        defaults = getattr(fn, "default_options", None)
+        if callable(defaults):
+            options = {**defaults(), **options}
+        return self.submit_call(fn, args, kwargs, **options)
 
     def submit_call(
         self,
@@ -248,7 +253,7 @@ class Client(Executor):
             interval = self.config.heartbeat.interval_s
             last_sent = time.monotonic()
             while not self._closed:
-                events = dict(poller.poll(interval * 1000))
+                events = dict(poller.poll(int(interval * 1000)))
                 now = time.monotonic()
                 if self._wake_r in events:
                     self._wake_flag = False
@@ -261,8 +266,6 @@ class Client(Executor):
                     self._receive(now)
                 if self._send_outgoing(now):
                     last_sent = now
-                if self._closed:
-                    break
                 if now - self._broker_seen > self.config.heartbeat.timeout_s:
                     if self._connected:
                         log.warning("broker %s stopped answering; reconnecting", self.broker)
@@ -312,7 +315,7 @@ class Client(Executor):
             except zmq.Again:
                 return
             try:
-                signature, msg = p.decode(frames)
+                _, msg = p.decode(frames)
             except ProtocolError as exc:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
@@ -440,10 +443,8 @@ def fetch_status(broker: str, timeout_s: float = 5.0) -> dict[str, Any]:
             deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(left * 1000):
-                    raise BrokerUnavailable(
-                        f"no broker answered at {broker} within {timeout_s:g}s"
-                    )
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    raise BrokerUnavailable(f"no broker answered at {broker} within {timeout_s:g}s")
                 try:
                     _, msg = p.decode(sock.recv_multipart())
                 except ProtocolError:

@@ -621,7 +621,12 @@ def _decode_body(kind: Kind, body: Any, blobs: _BlobReader) -> Message:
         return Outcomes([Outcome.from_wire(o, blobs) for o in _list(items, "OUTCOMES.outcomes")])
     cls, checks = _SIMPLE[kind]
     values = _arity(body, len(checks), kind.name)
-    return cls(*(check(v, f"{kind.name}.{i}") for i, (check, v) in enumerate(zip(checks, values))))  # type: ignore[no-any-return]
+    fields = [
+        check(v, f"{kind.name}.{i}")
+        for i, (check, v) in enumerate(zip(checks, values, strict=True))
+    ]
+    message: Message = cls(*fields)
+    return message
 
 
 def allowed(signature: bytes, msg: Message) -> bool:

@@ -391,7 +391,9 @@ class Scheduler:
 
     def _ready(self, address: bytes, msg: Ready, now: float) -> list[Send]:
         if msg.concurrency < 1 or not 0 <= msg.credit <= _MAX_CREDIT or not msg.queues:
-            return [Send(address, WORKER, Error("bad-ready", "invalid concurrency, credit or queues"))]
+            return [
+                Send(address, WORKER, Error("bad-ready", "invalid concurrency, credit or queues"))
+            ]
         existing = self.workers.get(msg.worker_id)
         if existing is not None:
             # the same live worker on a fresh socket: its running tasks are still its own
@@ -445,8 +447,12 @@ class Scheduler:
         spec = record.spec
         if outcome.status is Status.OK:
             worker.done += 1
-            self._finish(record, Outcome(spec.task_id, Status.OK, outcome.value, None,
-                                         outcome.run_s), TaskState.DONE, now)
+            self._finish(
+                record,
+                Outcome(spec.task_id, Status.OK, outcome.value, None, outcome.run_s),
+                TaskState.DONE,
+                now,
+            )
             return
         if outcome.status in (Status.ERROR, Status.TIMEOUT) and record.errors < spec.retries:
             record.errors += 1
@@ -475,9 +481,12 @@ class Scheduler:
         self.counters["workers_lost"] += 1
         for task_id in list(worker.running):
             record = self.tasks.get(task_id)
-            if record is not None and record.state is TaskState.RUNNING:
-                if record.worker_id == worker.worker_id:
-                    self._lost(record, now, f"worker {worker.name} died ({reason})")
+            if (
+                record is not None
+                and record.state is TaskState.RUNNING
+                and record.worker_id == worker.worker_id
+            ):
+                self._lost(record, now, f"worker {worker.name} died ({reason})")
         self._remove_worker(worker, now, reason)
 
     def _remove_worker(self, worker: WorkerRecord, now: float, reason: str) -> None:
@@ -487,7 +496,7 @@ class Scheduler:
         self.dead_workers.append(
             {"name": worker.name, "host": worker.host, "pid": worker.pid, "reason": reason}
         )
-        del self.dead_workers[:-self.config.recent_failures]
+        del self.dead_workers[: -self.config.recent_failures]
 
     def _lost(self, record: TaskRecord, now: float, why: str) -> None:
         """The run was lost to a dead worker or executor: requeue, or stop a poison task."""
@@ -628,7 +637,11 @@ class Scheduler:
             while heap:
                 entry = heap[0]
                 record = self.tasks.get(entry[2])
-                if record is not None and record.state is TaskState.PENDING and record.seq == entry[1]:
+                if (
+                    record is not None
+                    and record.state is TaskState.PENDING
+                    and record.seq == entry[1]
+                ):
                     break
                 heapq.heappop(heap)  # stale: cancelled, finished elsewhere, or expired
             if heap and (best is None or heap[0] < best):
@@ -648,8 +661,9 @@ class Scheduler:
         record.started_at = now
         worker.credit -= 1
         worker.running.add(spec.task_id)
-        assignment = Assignment(spec.task_id, spec.name, spec.fn, spec.args, record.attempt,
-                                spec.timeout_s)
+        assignment = Assignment(
+            spec.task_id, spec.name, spec.fn, spec.args, record.attempt, spec.timeout_s
+        )
         self._out_tasks.setdefault(worker.worker_id, []).append(assignment)
 
     # ------------------------------------------------------------------ status
@@ -703,5 +717,16 @@ class Scheduler:
 
 
 def _strip_payload(spec: TaskSpec) -> TaskSpec:
-    return TaskSpec(spec.task_id, spec.name, spec.queue, b"", b"", spec.priority, spec.timeout_s,
-                    spec.retries, spec.max_attempts, spec.countdown_s, spec.key)
+    return TaskSpec(
+        spec.task_id,
+        spec.name,
+        spec.queue,
+        b"",
+        b"",
+        spec.priority,
+        spec.timeout_s,
+        spec.retries,
+        spec.max_attempts,
+        spec.countdown_s,
+        spec.key,
+    )

@@ -108,18 +108,21 @@ def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
             "a journal, or the outcome outlived its retention time"
         )
     # Status.ERROR (and LOST, which a broker never forwards)
-    exc: BaseException | None = None
-    if outcome.value:
-        try:
-            loaded = pickle.loads(outcome.value)
-            if isinstance(loaded, BaseException):
-                exc = loaded
-        except Exception:
-            exc = None
+    remote = _load_exception(outcome.value)
     tb_text = info.traceback if info is not None else ""
-    if exc is None:
+    if remote is None:
         type_name = info.type_name if info is not None else "Exception"
         return False, RemoteError(type_name, message, tb_text)
     if tb_text:
-        exc.add_note(f"Remote traceback of task {name} [{outcome.task_id}]:\n{tb_text.rstrip()}")
-    return False, exc
+        remote.add_note(f"Remote traceback of task {name} [{outcome.task_id}]:\n{tb_text.rstrip()}")
+    return False, remote
+
+
+def _load_exception(blob: bytes | memoryview) -> BaseException | None:
+    if not blob:
+        return None
+    try:
+        loaded = pickle.loads(blob)
+    except Exception:
+        return None
+    return loaded if isinstance(loaded, BaseException) else None

@@ -12,7 +12,9 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     """The snapshot as three tables: workers, queues, counters."""
     workers = Table(title="workers", title_justify="left")
     for column in ("name", "host", "pid", "queues", "slots", "done", "failed", "heartbeat"):
-        workers.add_column(column, justify="right" if column in ("pid", "done", "failed") else "left")
+        workers.add_column(
+            column, justify="right" if column in ("pid", "done", "failed") else "left"
+        )
     for w in snapshot.get("workers", []):
         workers.add_row(
             str(w["name"]),
@@ -28,8 +30,9 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     for column in ("queue", "pending", "running", "done", "failed"):
         queues.add_column(column, justify="left" if column == "queue" else "right")
     for q in snapshot.get("queues", []):
-        queues.add_row(q["name"], str(q["pending"]), str(q["running"]), str(q["done"]),
-                       str(q["failed"]))
+        queues.add_row(
+            q["name"], str(q["pending"]), str(q["running"]), str(q["done"]), str(q["failed"])
+        )
     counters = Table(title="counters", title_justify="left")
     counters.add_column("counter")
     counters.add_column("value", justify="right")

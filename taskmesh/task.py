@@ -42,7 +42,7 @@ class Task(Generic[P, R]):
         self.options = options or TaskOptions()
         self.name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
         self._blob: bytes | None = None
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -60,6 +60,17 @@ class Task(Generic[P, R]):
                 return (_load_task, (module, qualname))
         return (_rebuild_task, (self.fn, self.options))
 
+    def default_options(self) -> dict[str, Any]:
+        """The options every submit of this task starts from."""
+        opts = self.options
+        return {
+            "queue": opts.queue,
+            "priority": opts.priority,
+            "timeout": opts.timeout,
+            "retries": opts.retries,
+            "max_attempts": opts.max_attempts,
+        }
+
     def with_options(self, **changes: Any) -> Task[P, R]:
         """A copy with other default options, e.g. ``add.with_options(queue="cpu")``."""
         return Task(self.fn, replace(self.options, **changes))
@@ -75,15 +86,7 @@ class Task(Generic[P, R]):
         self, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
     ) -> TaskFuture[R]:
         target: Client = client if client is not None else default_client()
-        opts = self.options
-        merged: dict[str, Any] = {
-            "queue": opts.queue,
-            "priority": opts.priority,
-            "timeout": opts.timeout,
-            "retries": opts.retries,
-            "max_attempts": opts.max_attempts,
-        }
-        merged.update(options)
+        merged = {**self.default_options(), **options}
         if self._blob is None:
             self._blob = dumps_function(self)
         future: TaskFuture[R] = target.submit_call(
@@ -95,7 +98,7 @@ class Task(Generic[P, R]):
         self, *iterables: Iterable[Any], timeout: float | None = None, client: Client | None = None
     ) -> Iterator[R]:
         """Submit one task per item (like ``Executor.map``) and yield results in order."""
-        futures = [self._submit(client, tuple(a), {}, {}) for a in zip(*iterables)]
+        futures = [self._submit(client, tuple(a), {}, {}) for a in zip(*iterables, strict=False)]
         return _results_in_order(futures, timeout)
 
 
@@ -124,7 +127,7 @@ def _lookup(owner: Any, qualname: str) -> Any:
 
 def _pickled_by_value(module: str) -> bool:
     registered = getattr(cloudpickle, "cloudpickle", None)
-    by_value = getattr(registered, "_PICKLE_BY_VALUE_MODULES", set())
+    by_value: set[str] = getattr(registered, "_PICKLE_BY_VALUE_MODULES", set())
     return any(module == m or module.startswith(m + ".") for m in by_value)
 
 

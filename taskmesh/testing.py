@@ -82,7 +82,9 @@ class ManagedProcess:
             return ""
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.05
+) -> None:
     """Poll ``predicate`` until true; raise ``TimeoutError`` naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -142,19 +144,29 @@ class Mesh:
         port_file.unlink(missing_ok=True)
         bind = bind or self.url or "tcp://127.0.0.1:0"
         argv = [
-            sys.executable, "-m", "taskmesh", "broker",
-            "--bind", bind,
-            "--journal", journal or self.journal,
-            "--port-file", str(port_file),
-            "--log-level", self.log_level,
+            sys.executable,
+            "-m",
+            "taskmesh",
+            "broker",
+            "--bind",
+            bind,
+            "--journal",
+            journal or self.journal,
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            self.log_level,
             *self._hb_args(),
         ]
         self._count += 1
         proc = ManagedProcess("broker", argv, self.workdir / f"broker-{self._count}.log", self.env)
         self.broker = proc
         try:
-            wait_until(lambda: port_file.exists() or not proc.alive(), self.start_timeout_s,
-                       "the broker to bind")
+            wait_until(
+                lambda: port_file.exists() or not proc.alive(),
+                self.start_timeout_s,
+                "the broker to bind",
+            )
         except TimeoutError:
             raise TaskmeshError(f"broker did not start:\n{proc.output()}") from None
         if not proc.alive():
@@ -171,14 +183,22 @@ class Mesh:
         extra_args: Sequence[str] = (),
     ) -> ManagedProcess:
         self._count += 1
-        name = name or f"worker-{self._count}"
+        name = name or f"worker-{len(self.workers) + 1}"
         argv = [
-            sys.executable, "-m", "taskmesh", "worker",
-            "--broker", self.url,
-            "--concurrency", str(concurrency or self.concurrency),
-            "--queues", ",".join(queues or self.queues),
-            "--name", name,
-            "--log-level", self.log_level,
+            sys.executable,
+            "-m",
+            "taskmesh",
+            "worker",
+            "--broker",
+            self.url,
+            "--concurrency",
+            str(concurrency or self.concurrency),
+            "--queues",
+            ",".join(queues or self.queues),
+            "--name",
+            name,
+            "--log-level",
+            self.log_level,
             *self._hb_args(),
             *extra_args,
         ]
@@ -234,7 +254,9 @@ class Mesh:
 
     def logs(self) -> str:
         procs = ([self.broker] if self.broker else []) + self.workers
-        return "\n".join(f"--- {proc.name} ({proc.log_path.name})\n{proc.output()}" for proc in procs)
+        return "\n".join(
+            f"--- {proc.name} ({proc.log_path.name})\n{proc.output()}" for proc in procs
+        )
 
     def __enter__(self) -> Mesh:
         return self.start()

@@ -10,11 +10,13 @@ import zmq
 
 from taskmesh.errors import BrokerUnavailable
 
-_ENDPOINT = re.compile(r"^(tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d+|\*)|ipc://\S+|inproc://\S+)$")
+_ENDPOINT = re.compile(
+    r"^(tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d+|\*)|ipc://\S+|inproc://\S+)$"
+)
 
 
 def check_endpoint(url: str, *, what: str = "broker address") -> str:
-    """Return ``url`` if it is a usable ZeroMQ endpoint, else raise a clear ``BrokerUnavailable``."""
+    """Return ``url`` if it is a usable ZeroMQ endpoint; else raise ``BrokerUnavailable``."""
     if not isinstance(url, str) or not _ENDPOINT.match(url):
         raise BrokerUnavailable(
             f"invalid {what} {url!r}: expected tcp://HOST:PORT (for example tcp://127.0.0.1:5555)"
@@ -27,11 +29,13 @@ def check_endpoint(url: str, *, what: str = "broker address") -> str:
     return url
 
 
-def dealer(ctx: zmq.Context[Any], url: str, *, max_message_bytes: int | None = None) -> zmq.Socket[Any]:
+def dealer(
+    ctx: zmq.Context[Any], url: str, *, max_message_bytes: int | None = None
+) -> zmq.Socket[Any]:
     """A DEALER connected to the broker: no linger, so closing never blocks on a dead broker."""
     check_endpoint(url)
     _resolve(url)
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)

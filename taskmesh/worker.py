@@ -184,7 +184,9 @@ class WorkerNode:
                 self._report(task, p.Status.TIMEOUT, "taskmesh.errors.TaskTimeout", message, now)
             elif slot.kill_reason is p.Status.CANCELLED:
                 message = f"task {task.name} [{task.task_id}] was cancelled while running"
-                self._report(task, p.Status.CANCELLED, "taskmesh.errors.TaskCancelled", message, now)
+                self._report(
+                    task, p.Status.CANCELLED, "taskmesh.errors.TaskCancelled", message, now
+                )
             else:
                 message = (
                     f"the executor running task {task.name} [{task.task_id}] on worker "
@@ -259,8 +261,9 @@ class WorkerNode:
     def _connect(self, now: float) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.config.broker,
-                            max_message_bytes=self.config.max_message_bytes)
+        self._sock = dealer(
+            self._ctx, self.config.broker, max_message_bytes=self.config.max_message_bytes
+        )
         self._broker_seen = now
         self._register(now)
 
@@ -324,8 +327,9 @@ class WorkerNode:
         for task in self._backlog:
             if task.task_id in task_ids:
                 message = f"task {task.name} [{task.task_id}] was cancelled"
-                self._report(task, p.Status.CANCELLED, "taskmesh.errors.TaskCancelled", message,
-                             now)
+                self._report(
+                    task, p.Status.CANCELLED, "taskmesh.errors.TaskCancelled", message, now
+                )
             else:
                 kept.append(task)
         self._backlog = kept
@@ -367,7 +371,7 @@ class WorkerNode:
             by_fd[slot.process.sentinel] = ("sentinel", slot)
             poller.register(slot.conn.fileno(), zmq.POLLIN)
             poller.register(slot.process.sentinel, zmq.POLLIN)
-        events = dict(poller.poll(timeout * 1000))
+        events = dict(poller.poll(int(timeout * 1000)))
         now = time.monotonic()
         if self._wake_r in events:
             try:
@@ -399,7 +403,9 @@ class WorkerNode:
                 assert slot.task is not None
                 log.warning(
                     "task %s [%s] exceeded its time limit of %gs; killing its executor",
-                    slot.task.name, slot.task.task_id, slot.task.timeout_s,
+                    slot.task.name,
+                    slot.task.task_id,
+                    slot.task.timeout_s,
                 )
                 slot.kill(p.Status.TIMEOUT)
         for slot in dead:
@@ -412,8 +418,11 @@ class WorkerNode:
         hb = self.config.heartbeat
         if now - self._broker_seen > hb.timeout_s:
             if self._broker_alive:
-                log.warning("broker %s silent for %.1fs; reconnecting", self.config.broker,
-                            now - self._broker_seen)
+                log.warning(
+                    "broker %s silent for %.1fs; reconnecting",
+                    self.config.broker,
+                    now - self._broker_seen,
+                )
                 self._broker_alive = False
                 self._next_reconnect = now
             if now >= self._next_reconnect:
