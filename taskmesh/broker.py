@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ import zmq
 from taskmesh import protocol as p
 from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
+from taskmesh.journal import open_journal
 from taskmesh.scheduler import Scheduler, SchedulerConfig, Send
 from taskmesh.transport import check_endpoint
 
@@ -57,6 +59,11 @@ class Broker:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
         hb = config.heartbeat
+        try:
+            self.journal = open_journal(config.journal, synchronous=config.journal_sync)
+            recovery = self.journal.load()
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            raise TaskmeshError(f"cannot open journal {config.journal}: {exc}") from None
         self.scheduler = Scheduler(
             SchedulerConfig(
                 heartbeat_interval_s=hb.interval_s,
@@ -64,7 +71,16 @@ class Broker:
                 result_ttl_s=config.result_ttl_s,
             ),
             broker_id=self.broker_id,
+            wall_offset=time.time() - time.monotonic(),
         )
+        self.scheduler.restore(recovery, time.monotonic())
+        if recovery.pending or recovery.finished:
+            log.info(
+                "journal %s recovered %d unfinished tasks and %d undelivered outcomes",
+                config.journal,
+                len(recovery.pending),
+                len(recovery.finished),
+            )
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -80,6 +96,7 @@ class Broker:
         except zmq.ZMQError as exc:
             self._sock.close(0)
             self._ctx.term()
+            self.journal.close()
             raise TaskmeshError(f"cannot bind {config.bind}: {exc}") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.started_at = time.monotonic()
@@ -120,6 +137,7 @@ class Broker:
                     signal.signal(sig, handler)
             self._sock.close(0)
             self._ctx.term()
+            self.journal.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             log.info("broker %s stopped", self.broker_id)
@@ -157,6 +175,15 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + interval
             sends.extend(sched.flush(now))
+            batch = sched.take_journal()
+            if batch:
+                try:
+                    self.journal.write(batch)
+                except sqlite3.Error:
+                    # nothing unpersisted may be acknowledged: stop rather than lie
+                    log.critical("journal write failed; stopping the broker", exc_info=True)
+                    self._stopping = True
+                    break
             for send in sends:
                 self._send(send)
 
@@ -197,6 +224,7 @@ class Broker:
             msg.snapshot["broker"] = {
                 "endpoint": self.endpoint,
                 "journal": self.config.journal,
+                "journal_commits": getattr(self.journal, "commits", 0),
                 "uptime_s": round(time.monotonic() - self.started_at, 1),
             }
         try:

@@ -90,6 +90,14 @@ def broker(
             help="Journal file; :memory: for no persistence.",
         ),
     ] = "taskmesh.db",
+    journal_sync: Annotated[
+        str,
+        typer.Option(
+            "--journal-sync",
+            envvar="TASKMESH_JOURNAL_SYNC",
+            help="FULL (survives power loss) or NORMAL (survives a killed broker).",
+        ),
+    ] = "FULL",
     heartbeat_interval: HbInterval = 1.0,
     heartbeat_liveness: HbLiveness = 3,
     result_ttl: Annotated[
@@ -129,6 +137,7 @@ def broker(
         config = BrokerConfig(
             bind=bind,
             journal=journal,
+            journal_sync=journal_sync,
             heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
             result_ttl_s=result_ttl,
             max_message_bytes=max_message_bytes,

@@ -34,7 +34,13 @@ import zmq
 from taskmesh import protocol as p
 from taskmesh.config import DEFAULT_QUEUE, ClientConfig, default_broker
 from taskmesh.errors import BrokerUnavailable, ProtocolError, TaskmeshError
-from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
+from taskmesh.serialize import (
+    callable_name,
+    dumps_call,
+    dumps_function,
+    load_outcome,
+    qualified_name,
+)
 from taskmesh.transport import check_endpoint, dealer
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,17 @@ _MAX_BATCH = 2000  # tasks per Submit message
 
 #: per-call options: leading underscore so they never collide with the user's keyword arguments
 CALL_OPTIONS = frozenset(
-    {"_queue", "_priority", "_timeout", "_retries", "_max_attempts", "_countdown", "_key"}
+    {
+        "_queue",
+        "_priority",
+        "_timeout",
+        "_retries",
+        "_retry_backoff",
+        "_retry_on",
+        "_max_attempts",
+        "_countdown",
+        "_key",
+    }
 )
 
 
@@ -142,6 +158,8 @@ class Client(Executor):
         priority: int = 0,
         timeout: float | None = None,
         retries: int = 0,
+        retry_backoff: float = 0.0,
+        retry_on: tuple[type[BaseException], ...] = (),
         max_attempts: int = 3,
         countdown: float = 0.0,
         key: str | None = None,
@@ -151,6 +169,9 @@ class Client(Executor):
         if self._closed:
             raise RuntimeError("cannot submit to a closed taskmesh Client")
         _check_options(queue, priority, timeout, retries, max_attempts, countdown)
+        retry_names = _retry_names(retry_on)
+        if retry_backoff < 0:
+            raise ValueError(f"retry_backoff must be >= 0 seconds, got {retry_backoff!r}")
         display = name or callable_name(fn)
         spec = p.TaskSpec(
             task_id=f"{self.client_id}-{next(self._ids)}",
@@ -164,6 +185,8 @@ class Client(Executor):
             max_attempts=int(max_attempts),
             countdown_s=float(countdown),
             key=key,
+            retry_backoff_s=float(retry_backoff),
+            retry_on=retry_names,
         )
         future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
         with self._lock:
@@ -342,6 +365,8 @@ class Client(Executor):
                 self._settle_id(task_id, False, error)
 
     def _resolve(self, outcomes: list[p.Outcome]) -> None:
+        # the broker may forget these tasks now; a resent copy is harmless (first one wins)
+        self._send(p.Delivered([o.task_id for o in outcomes]))
         for outcome in outcomes:
             self._unacked.pop(outcome.task_id, None)
             with self._lock:
@@ -431,6 +456,17 @@ def _check_options(
         raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
     if countdown < 0:
         raise ValueError(f"countdown must be >= 0 seconds, got {countdown!r}")
+
+
+def _retry_names(retry_on: Any) -> tuple[str, ...]:
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    names = []
+    for exc_type in retry_on:
+        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+            raise TypeError(f"retry_on takes exception classes, got {exc_type!r}")
+        names.append(qualified_name(exc_type))
+    return tuple(names)
 
 
 def fetch_status(broker: str, timeout_s: float = 5.0) -> dict[str, Any]:

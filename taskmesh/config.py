@@ -43,6 +43,7 @@ class HeartbeatConfig:
 class BrokerConfig:
     bind: str = DEFAULT_BROKER
     journal: str = "taskmesh.db"
+    journal_sync: str = "FULL"  # FULL survives power loss; NORMAL survives a killed broker
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     result_ttl_s: float = 3600.0
     max_message_bytes: int = 1 << 30

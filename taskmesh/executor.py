@@ -29,15 +29,11 @@ from typing import Any
 import cloudpickle
 
 from taskmesh.protocol import Status
+from taskmesh.serialize import qualified_name
 
 _FN_CACHE_SIZE = 256
 
 ErrorTuple = tuple[str, str, str, tuple[str, ...]]
-
-
-def qualified_name(cls: type) -> str:
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def describe_exception(exc: BaseException) -> ErrorTuple:

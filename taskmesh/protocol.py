@@ -49,6 +49,7 @@ class Kind(enum.IntEnum):
     STATUS = 0x04
     WATCH = 0x05
     BYE = 0x06
+    DELIVERED = 0x07
     # worker -> broker
     READY = 0x21
     CREDIT = 0x22
@@ -142,13 +143,14 @@ def _arity(value: Any, n: int, what: str) -> list[Any]:
 class _BlobWriter:
     """Collects the out-of-band frames of one message while its body is built."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "inline_max")
 
-    def __init__(self) -> None:
+    def __init__(self, inline_max: int = INLINE_BLOB_MAX) -> None:
         self.frames: list[Blob] = []
+        self.inline_max = inline_max
 
     def put(self, blob: Blob) -> Blob | int:
-        if len(blob) <= INLINE_BLOB_MAX:
+        if len(blob) <= self.inline_max:
             return blob
         self.frames.append(blob)
         return len(self.frames) - 1
@@ -189,6 +191,8 @@ class TaskSpec:
     max_attempts: int = 3
     countdown_s: float = 0.0
     key: str | None = None
+    retry_backoff_s: float = 0.0
+    retry_on: tuple[str, ...] = ()  # qualified exception names; empty means any exception
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
         return [
@@ -203,11 +207,13 @@ class TaskSpec:
             self.max_attempts,
             self.countdown_s,
             self.key,
+            self.retry_backoff_s,
+            list(self.retry_on),
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
-        f = _arity(value, 11, "task")
+        f = _arity(value, 13, "task")
         max_attempts = _int(f[8], "task.max_attempts")
         retries = _int(f[7], "task.retries")
         if max_attempts < 1 or retries < 0:
@@ -224,6 +230,8 @@ class TaskSpec:
             max_attempts=max_attempts,
             countdown_s=_float(f[9], "task.countdown_s"),
             key=_opt_str(f[10], "task.key"),
+            retry_backoff_s=_float(f[11], "task.retry_backoff_s"),
+            retry_on=tuple(_str_list(f[12], "task.retry_on")),
         )
 
 
@@ -366,6 +374,14 @@ class Watch:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivered:
+    """These outcomes reached their futures: the broker may forget the tasks."""
+
+    KIND: ClassVar[Kind] = Kind.DELIVERED
+    task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """A producer leaves; the broker forgets its address."""
 
@@ -374,7 +390,8 @@ class Bye:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """A worker node registers (or re-registers) with its free slots as initial credit."""
+    """A worker node registers (or re-registers) with its free slots as initial credit and the
+    ids of the tasks it already holds (so a restarted broker does not run them twice)."""
 
     KIND: ClassVar[Kind] = Kind.READY
     worker_id: str
@@ -384,6 +401,7 @@ class Ready:
     queues: list[str]
     concurrency: int
     credit: int
+    held: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +517,7 @@ Message: TypeAlias = (
     | Cancel
     | StatusRequest
     | Watch
+    | Delivered
     | Bye
     | Ready
     | Credit
@@ -518,7 +537,7 @@ Message: TypeAlias = (
 
 #: Which kinds each side may send, by signature. The broker sends a peer the same signature.
 PRODUCER_SENDS = frozenset({Kind.HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.WATCH})
-PRODUCER_SENDS |= {Kind.BYE, Kind.HEARTBEAT}
+PRODUCER_SENDS |= {Kind.DELIVERED, Kind.BYE, Kind.HEARTBEAT}
 WORKER_SENDS = frozenset({Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.DISCONNECT, Kind.HEARTBEAT})
 
 
@@ -555,8 +574,9 @@ _simple(Hello, _str, _str, _str, _int)
 _simple(Cancel, _str_list, _bool)
 _simple(StatusRequest)
 _simple(Watch, _str_list)
+_simple(Delivered, _str_list)
 _simple(Bye)
-_simple(Ready, _str, _str, _str, _int, _str_list, _int, _int)
+_simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list)
 _simple(Credit, _int)
 _simple(Disconnect)
 _simple(Welcome, _str, _float, _int)
@@ -632,3 +652,28 @@ def _decode_body(kind: Kind, body: Any, blobs: _BlobReader) -> Message:
 def allowed(signature: bytes, msg: Message) -> bool:
     """Whether a peer speaking ``signature`` may send this message to the broker."""
     return msg.KIND in (PRODUCER_SENDS if signature == PRODUCER else WORKER_SENDS)
+
+
+# --------------------------------------------------------------------------- stored records
+# The journal stores tasks and outcomes in their wire form, every blob inline, so that there is
+# one encoding of a task and it is defined here.
+
+_INLINE_ALL = 1 << 62
+
+
+def pack_task(spec: TaskSpec) -> bytes:
+    packed: bytes = msgpack.packb(spec.to_wire(_BlobWriter(_INLINE_ALL)), use_bin_type=True)
+    return packed
+
+
+def unpack_task(data: bytes) -> TaskSpec:
+    return TaskSpec.from_wire(msgpack.unpackb(data, raw=False), _BlobReader(()))
+
+
+def pack_outcome(outcome: Outcome) -> bytes:
+    packed: bytes = msgpack.packb(outcome.to_wire(_BlobWriter(_INLINE_ALL)), use_bin_type=True)
+    return packed
+
+
+def unpack_outcome(data: bytes) -> Outcome:
+    return Outcome.from_wire(msgpack.unpackb(data, raw=False), _BlobReader(()))

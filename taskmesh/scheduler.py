@@ -12,6 +12,12 @@ Delivery rules kept here:
 - The first outcome of a task wins; any later one (a worker presumed dead that came back, a
   duplicate resend) is acknowledged to the worker and dropped, so a producer sees one outcome.
 - A submit is idempotent by task id: a producer that resends after a lost ack creates no twin.
+- Whatever must survive a restart (a submitted task, a requeue, an outcome, a forgotten task) is
+  also appended to ``journal``; the shell writes that batch durably before it sends anything, so
+  no acknowledgement ever runs ahead of the journal.
+- After a restart, recovered tasks wait one liveness period before they are queued again, so
+  that workers still running them can re-register (``Ready.held``) and claim them: a broker
+  restart does not make a task run twice.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery
 from taskmesh.protocol import (
     PRODUCER,
     WORKER,
@@ -32,6 +40,7 @@ from taskmesh.protocol import (
     Bye,
     Cancel,
     Credit,
+    Delivered,
     Disconnect,
     Error,
     ErrorInfo,
@@ -88,6 +97,7 @@ class SchedulerConfig:
     heartbeat_liveness: int = 3
     result_ttl_s: float = 3600.0
     recent_failures: int = 20
+    retry_backoff_max_s: float = 300.0
 
 
 class TaskRecord:
@@ -96,6 +106,7 @@ class TaskRecord:
     __slots__ = (
         "attempt",
         "client_id",
+        "entry",
         "errors",
         "lost",
         "outcome",
@@ -121,6 +132,7 @@ class TaskRecord:
         self.queued_at = now
         self.started_at = 0.0
         self.outcome: Outcome | None = None
+        self.entry: tuple[int, int, str] | None = None  # its live heap entry while pending
 
 
 class WorkerRecord:
@@ -186,9 +198,19 @@ _MAX_CREDIT = 1_000_000
 class Scheduler:
     """The broker's state: tasks, queues, workers, producers; all decisions, no I/O."""
 
-    def __init__(self, config: SchedulerConfig | None = None, broker_id: str = "broker") -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig | None = None,
+        broker_id: str = "broker",
+        *,
+        wall_offset: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config or SchedulerConfig()
         self.broker_id = broker_id
+        self.wall_offset = wall_offset  # wall clock minus monotonic clock, for the journal
+        self.rng = rng or random.Random()
+        self.journal = JournalBatch()
         self.tasks: dict[str, TaskRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.producers: dict[str, ProducerRecord] = {}
@@ -304,6 +326,8 @@ class Scheduler:
             self._cancel(msg.task_ids, msg.terminate, now)
         elif isinstance(msg, Watch):
             self._watch(producer, msg.task_ids)
+        elif isinstance(msg, Delivered):
+            self._delivered(msg.task_ids)
         elif isinstance(msg, Bye):
             self._peers.pop(address, None)
             del self.producers[producer.client_id]
@@ -335,11 +359,15 @@ class Scheduler:
             self.tasks[spec.task_id] = record
             self.counters["submitted"] += 1
             self._stats(spec.queue)
+            not_before = None
             if spec.countdown_s > 0:
-                record.state = TaskState.DELAYED
-                heapq.heappush(self._delayed, (now + spec.countdown_s, record.seq, spec.task_id))
+                not_before = now + spec.countdown_s + self.wall_offset
+                self._delay(record, now + spec.countdown_s)
             else:
                 self._enqueue(record, now)
+            self.journal.submitted.append(
+                PendingTask(spec, producer.client_id, record.seq, 0, 0, not_before)
+            )
 
     def _cancel(self, task_ids: Iterable[str], terminate: bool, now: float) -> None:
         aborts: dict[str, list[str]] = {}
@@ -357,6 +385,14 @@ class Scheduler:
             worker = self.workers.get(worker_id)
             if worker is not None:
                 self._immediate.append(Send(worker.address, WORKER, Abort(ids)))
+
+    def _delivered(self, task_ids: Iterable[str]) -> None:
+        """The producer has these outcomes: forget the tasks (the journal too)."""
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if record is not None and record.state in TERMINAL:
+                del self.tasks[task_id]
+                self.journal.forgotten.append(task_id)
 
     def _watch(self, producer: ProducerRecord, task_ids: Iterable[str]) -> None:
         for task_id in task_ids:
@@ -394,23 +430,46 @@ class Scheduler:
             return [
                 Send(address, WORKER, Error("bad-ready", "invalid concurrency, credit or queues"))
             ]
-        existing = self.workers.get(msg.worker_id)
-        if existing is not None:
-            # the same live worker on a fresh socket: its running tasks are still its own
-            self._peers.pop(existing.address, None)
-            existing.address = address
-            existing.credit = msg.credit
-            existing.last_seen = now
-            existing.queues = tuple(dict.fromkeys(msg.queues))
+        held = set(msg.held)
+        worker = self.workers.get(msg.worker_id)
+        if worker is not None:
+            # the same live worker on a fresh socket: what it still holds is still its own;
+            # what it does not hold was sent to its old socket and lost: queue it again
+            self._peers.pop(worker.address, None)
+            worker.address = address
+            worker.credit = msg.credit
+            worker.last_seen = now
+            worker.queues = tuple(dict.fromkeys(msg.queues))
+            for task_id in worker.running - held:
+                record = self.tasks.get(task_id)
+                if record is not None and record.state is TaskState.RUNNING:
+                    self._stop_running(record)
+                    self.counters["requeued"] += 1
+                    self._enqueue(record, now)
         else:
             self._forget_address(address)
-            self.workers[msg.worker_id] = WorkerRecord(msg, address, next(self._worker_seq), now)
+            worker = WorkerRecord(msg, address, next(self._worker_seq), now)
+            self.workers[msg.worker_id] = worker
+        for task_id in held:
+            self._claim(task_id, worker, now)
         self._peers[address] = ("w", msg.worker_id)
         self._dirty = True
         welcome = Welcome(
             self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
         )
         return [Send(address, WORKER, welcome)]
+
+    def _claim(self, task_id: str, worker: WorkerRecord, now: float) -> None:
+        """A (re)registering worker still holds this task: let it finish there, not run twice."""
+        record = self.tasks.get(task_id)
+        if record is None or record.state not in (TaskState.PENDING, TaskState.DELAYED):
+            return
+        self._stop_running(record)
+        self.stats[record.spec.queue].running += 1
+        record.state = TaskState.RUNNING
+        record.worker_id = worker.worker_id
+        record.started_at = now
+        worker.running.add(task_id)
 
     def _grant(self, worker: WorkerRecord, n: int) -> list[Send]:
         if n < 0 or worker.credit + n > _MAX_CREDIT:
@@ -454,11 +513,15 @@ class Scheduler:
                 now,
             )
             return
-        if outcome.status in (Status.ERROR, Status.TIMEOUT) and record.errors < spec.retries:
+        if (
+            outcome.status in (Status.ERROR, Status.TIMEOUT)
+            and record.errors < spec.retries
+            and _retryable(spec, outcome.error)
+        ):
             record.errors += 1
             record.attempt += 1
             self.counters["retried"] += 1
-            self._enqueue(record, now)
+            self._requeue(record, now, self._backoff(spec, record.errors))
             return
         worker.failed += 1
         state = TaskState.CANCELLED if outcome.status is Status.CANCELLED else TaskState.FAILED
@@ -513,7 +576,24 @@ class Scheduler:
             return
         record.attempt += 1
         self.counters["requeued"] += 1
-        self._enqueue(record, now)
+        self._requeue(record, now, 0.0)
+
+    def _backoff(self, spec: TaskSpec, errors: int) -> float:
+        """Exponential backoff with jitter: base * 2^(n-1) * U(0.5, 1.5), capped."""
+        if spec.retry_backoff_s <= 0:
+            return 0.0
+        delay = spec.retry_backoff_s * 2 ** (errors - 1) * self.rng.uniform(0.5, 1.5)
+        return float(min(delay, self.config.retry_backoff_max_s))
+
+    def _requeue(self, record: TaskRecord, now: float, delay_s: float) -> None:
+        """Queue a task again (now, or after ``delay_s``) and journal its spent budgets."""
+        not_before = None
+        if delay_s > 0:
+            not_before = now + delay_s + self.wall_offset
+            self._delay(record, now + delay_s)
+        else:
+            self._enqueue(record, now)
+        self.journal.requeued.append((record.spec.task_id, record.lost, record.errors, not_before))
 
     # ------------------------------------------------------------------ task lifecycle
 
@@ -531,9 +611,16 @@ class Scheduler:
         heap = self._queues.get(spec.queue)
         if heap is None:
             heap = self._queues[spec.queue] = []
-        heapq.heappush(heap, (-spec.priority, record.seq, spec.task_id))
+        entry = (-spec.priority, record.seq, spec.task_id)
+        record.entry = entry
+        heapq.heappush(heap, entry)
         self.stats[spec.queue].pending += 1
         self._dirty = True
+
+    def _delay(self, record: TaskRecord, ready_at: float) -> None:
+        record.state = TaskState.DELAYED
+        record.worker_id = None
+        heapq.heappush(self._delayed, (ready_at, record.seq, record.spec.task_id))
 
     def _stop_running(self, record: TaskRecord) -> None:
         if record.state is TaskState.RUNNING:
@@ -543,6 +630,7 @@ class Scheduler:
                 worker.running.discard(record.spec.task_id)
         elif record.state is TaskState.PENDING:
             self.stats[record.spec.queue].pending -= 1
+            record.entry = None
 
     def _finish(
         self,
@@ -577,6 +665,16 @@ class Scheduler:
             )
             del self.recent_failures[: -self.config.recent_failures]
         self._retired.append((now, record.spec.task_id))
+        self.journal.finished.append(
+            FinishedTask(
+                record.spec.task_id,
+                record.client_id,
+                str(state),
+                outcome,
+                now + self.wall_offset,
+                record.seq,
+            )
+        )
         self._deliver(record, outcome)
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
@@ -594,7 +692,11 @@ class Scheduler:
         retired = self._retired
         i = 0
         while i < len(retired) and retired[i][0] <= horizon:
-            self.tasks.pop(retired[i][1], None)
+            task_id = retired[i][1]
+            record = self.tasks.get(task_id)
+            if record is not None and record.state in TERMINAL:
+                del self.tasks[task_id]
+                self.journal.forgotten.append(task_id)
             i += 1
         if i:
             del retired[:i]
@@ -637,13 +739,9 @@ class Scheduler:
             while heap:
                 entry = heap[0]
                 record = self.tasks.get(entry[2])
-                if (
-                    record is not None
-                    and record.state is TaskState.PENDING
-                    and record.seq == entry[1]
-                ):
+                if record is not None and record.entry is entry:
                     break
-                heapq.heappop(heap)  # stale: cancelled, finished elsewhere, or expired
+                heapq.heappop(heap)  # stale: dispatched, cancelled, finished elsewhere, expired
             if heap and (best is None or heap[0] < best):
                 best, best_heap = heap[0], heap
         if best is None or best_heap is None:
@@ -657,6 +755,7 @@ class Scheduler:
         stats.pending -= 1
         stats.running += 1
         record.state = TaskState.RUNNING
+        record.entry = None
         record.worker_id = worker.worker_id
         record.started_at = now
         worker.credit -= 1
@@ -665,6 +764,46 @@ class Scheduler:
             spec.task_id, spec.name, spec.fn, spec.args, record.attempt, spec.timeout_s
         )
         self._out_tasks.setdefault(worker.worker_id, []).append(assignment)
+
+    # ------------------------------------------------------------------ durability
+
+    def take_journal(self) -> JournalBatch:
+        """What changed since the last call; the shell writes it before sending anything."""
+        batch, self.journal = self.journal, JournalBatch()
+        return batch
+
+    def restore(self, recovery: Recovery, now: float) -> None:
+        """Rebuild from the journal after a restart (before any message is handled).
+
+        Unfinished tasks wait one liveness period (or until their own not-before time) so that
+        workers still running them can claim them on re-registration.
+        """
+        grace = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        max_seq = -1
+        for item in recovery.pending:
+            record = TaskRecord(item.spec, item.client_id, item.seq, now)
+            record.lost = item.lost
+            record.errors = item.errors
+            record.attempt = 1 + item.lost + item.errors
+            self.tasks[item.spec.task_id] = record
+            self._stats(item.spec.queue)
+            ready_at = now + grace
+            if item.not_before is not None:
+                ready_at = max(ready_at, item.not_before - self.wall_offset)
+            self._delay(record, ready_at)
+            max_seq = max(max_seq, item.seq)
+        for done in recovery.finished:
+            spec = TaskSpec(done.task_id, "", "", b"", b"")
+            record = TaskRecord(spec, done.client_id, done.seq, now)
+            record.state = TaskState(done.state)
+            record.outcome = done.outcome
+            self.tasks[done.task_id] = record
+            self._retired.append((done.finished_at - self.wall_offset, done.task_id))
+            max_seq = max(max_seq, done.seq)
+        self._retired.sort()
+        self._seq = itertools.count(max_seq + 1)
+        self.counters["recovered"] = len(recovery.pending)
+        self.counters["recovered_outcomes"] = len(recovery.finished)
 
     # ------------------------------------------------------------------ status
 
@@ -717,16 +856,14 @@ class Scheduler:
 
 
 def _strip_payload(spec: TaskSpec) -> TaskSpec:
-    return TaskSpec(
-        spec.task_id,
-        spec.name,
-        spec.queue,
-        b"",
-        b"",
-        spec.priority,
-        spec.timeout_s,
-        spec.retries,
-        spec.max_attempts,
-        spec.countdown_s,
-        spec.key,
-    )
+    return replace(spec, fn=b"", args=b"")
+
+
+def _retryable(spec: TaskSpec, error: ErrorInfo | None) -> bool:
+    """Whether ``retry_on`` admits this failure (an empty ``retry_on`` admits every one)."""
+    if not spec.retry_on:
+        return True
+    if error is None:
+        return False
+    names = set(error.mro) | {error.type_name}
+    return any(name in names for name in spec.retry_on)

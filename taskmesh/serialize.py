@@ -27,6 +27,12 @@ from taskmesh.protocol import Outcome, Status
 _fn_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
+def qualified_name(cls: type) -> str:
+    """How an exception type is named on the wire (and in ``retry_on``)."""
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
 def callable_name(fn: Any) -> str:
     name = getattr(fn, "name", None) or getattr(fn, "__qualname__", None)
     return name if isinstance(name, str) else type(fn).__name__

@@ -29,6 +29,8 @@ class TaskOptions:
     priority: int = 0
     timeout: float | None = None
     retries: int = 0
+    retry_backoff: float = 0.0
+    retry_on: tuple[type[BaseException], ...] = ()
     max_attempts: int = 3
 
 
@@ -68,6 +70,8 @@ class Task(Generic[P, R]):
             "priority": opts.priority,
             "timeout": opts.timeout,
             "retries": opts.retries,
+            "retry_backoff": opts.retry_backoff,
+            "retry_on": opts.retry_on,
             "max_attempts": opts.max_attempts,
         }
 
@@ -153,6 +157,8 @@ def task(
     priority: int = 0,
     timeout: float | None = None,
     retries: int = 0,
+    retry_backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
@@ -165,10 +171,21 @@ def task(
     priority: int = 0,
     timeout: float | None = None,
     retries: int = 0,
+    retry_backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
-    """Make a function a taskmesh task: ``@task`` or ``@task(queue="cpu", retries=2, ...)``."""
-    options = TaskOptions(queue, priority, timeout, retries, max_attempts)
+    """Make a function a taskmesh task: ``@task`` or ``@task(queue="cpu", retries=2, ...)``.
+
+    ``retries`` re-runs a task that raised (``retry_on`` limits which exceptions count) after
+    ``retry_backoff * 2**n`` seconds with jitter, scheduled by the broker; ``max_attempts``
+    bounds the runs lost to dead workers or executors.
+    """
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    options = TaskOptions(
+        queue, priority, timeout, retries, retry_backoff, tuple(retry_on), max_attempts
+    )
     if fn is not None:
         return Task(fn, options)
 

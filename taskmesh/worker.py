@@ -269,8 +269,9 @@ class WorkerNode:
 
     def _register(self, now: float) -> None:
         """(Re)announce ourselves with our whole free capacity, and resend unacked outcomes."""
-        held = len(self._backlog) + sum(1 for s in self._slots if s.task is not None)
-        self._outstanding = max(0, self.capacity - held)
+        held = [t.task_id for t in self._backlog]
+        held += [s.task.task_id for s in self._slots if s.task is not None]
+        self._outstanding = max(0, self.capacity - len(held))
         ready = p.Ready(
             worker_id=self.worker_id,
             name=self.config.name,
@@ -279,6 +280,7 @@ class WorkerNode:
             queues=list(self.config.queues),
             concurrency=self.config.concurrency,
             credit=self._outstanding,
+            held=held,
         )
         self._send(ready)
         self._outbox.clear()
