@@ -241,6 +241,32 @@ def status(
 
 
 @app.command()
+def failed(
+    broker: BrokerUrl = DEFAULT_BROKER,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the failures as JSON.")] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", envvar="TASKMESH_STATUS_TIMEOUT", min=0.1, help="Seconds to wait."
+        ),
+    ] = 3.0,
+) -> None:
+    """List the last tasks that failed for good, with their exception type and worker."""
+    from taskmesh.client import fetch_status
+    from taskmesh.status import print_failures
+
+    try:
+        snapshot = fetch_status(broker, timeout)
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
+    failures = snapshot.get("recent_failures", [])
+    if as_json:
+        typer.echo(json.dumps(failures, indent=2))
+    else:
+        print_failures(failures)
+
+
+@app.command()
 def demo(
     tasks: Annotated[int, typer.Option("--tasks", min=10, help="How many tasks to run.")] = 300,
     workers: Annotated[int, typer.Option("--workers", min=2, help="Local worker nodes.")] = 2,

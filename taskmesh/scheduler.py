@@ -661,6 +661,7 @@ class Scheduler:
                     "type": error.type_name if error else outcome.status.name,
                     "message": (error.message if error else "")[:200],
                     "worker": worker_name,
+                    "at": round(now + self.wall_offset, 3),
                 }
             )
             del self.recent_failures[: -self.config.recent_failures]

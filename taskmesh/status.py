@@ -41,6 +41,23 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     return [workers, queues, counters]
 
 
+def failures_table(failures: list[dict[str, Any]]) -> Table:
+    table = Table(title="last failures", title_justify="left")
+    for column in ("task", "task_id", "exception", "message", "worker"):
+        table.add_column(column, overflow="fold")
+    for f in failures:
+        table.add_row(f["name"], f["task_id"], f["type"], f["message"], f.get("worker", ""))
+    return table
+
+
+def print_failures(failures: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    if not failures:
+        console.print("no task has failed")
+        return
+    console.print(failures_table(failures))
+
+
 def print_status(snapshot: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     broker = snapshot.get("broker", {})

@@ -111,6 +111,7 @@ class Mesh:
         log_level: str = "INFO",
         env: dict[str, str] | None = None,
         start_timeout_s: float = 30.0,
+        broker_args: Sequence[str] = (),
     ) -> None:
         self.n_workers = workers
         self.concurrency = concurrency
@@ -119,6 +120,7 @@ class Mesh:
         self.journal = journal
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
+        self.broker_args = list(broker_args)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="taskmesh-mesh-")
@@ -157,6 +159,7 @@ class Mesh:
             "--log-level",
             self.log_level,
             *self._hb_args(),
+            *self.broker_args,
         ]
         self._count += 1
         proc = ManagedProcess("broker", argv, self.workdir / f"broker-{self._count}.log", self.env)
