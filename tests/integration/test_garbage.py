@@ -97,7 +97,9 @@ def test_raw_tcp_noise(mesh: Mesh) -> None:
 
 
 frame = st.binary(max_size=64)
-valid_prefix = st.tuples(st.sampled_from(p.SIGNATURES), st.sampled_from([bytes([k]) for k in p.Kind]))
+valid_prefix = st.tuples(
+    st.sampled_from(p.SIGNATURES), st.sampled_from([bytes([k]) for k in p.Kind])
+)
 msgpack_body = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8) | frame,
     lambda children: st.lists(children, max_size=6),
