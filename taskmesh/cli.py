@@ -284,6 +284,54 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def bench(
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", help="Measure an existing mesh instead of an embedded one."),
+    ] = None,
+    workloads: Annotated[
+        str, typer.Option("--workloads", "-w", help="Comma-separated: throughput,latency,...")
+    ] = "throughput,latency,sleep,payload",
+    tasks: Annotated[
+        int, typer.Option("--tasks", min=1, help="Tasks per throughput run.")
+    ] = 10_000,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Runs per figure (median).")] = 3,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Embedded worker nodes.")] = 1,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Executors per embedded worker.")
+    ] = 2,
+    journal: Annotated[
+        bool, typer.Option("--journal/--no-journal", help="Embedded broker with SQLite journal.")
+    ] = False,
+    payload_mb: Annotated[int, typer.Option("--payload-mb", min=1, help="Payload size.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """The built-in benchmark, each figure beside a baseline measured in the same run."""
+    from taskmesh.bench import BenchConfig, run_bench
+    from taskmesh.status import print_bench
+
+    config = BenchConfig(
+        workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()),
+        broker=broker,
+        workers=workers,
+        concurrency=concurrency,
+        journal="bench.db" if journal else ":memory:",
+        tasks=tasks,
+        repeat=repeat,
+        payload_mb=payload_mb,
+    )
+    say = (lambda _msg: None) if as_json else (lambda msg: typer.echo(msg, err=True))
+    try:
+        report = run_bench(config, progress=say)
+    except (TaskmeshError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_bench(report)
+
+
 def main() -> None:
     app()
 

@@ -68,3 +68,25 @@ def print_status(snapshot: dict[str, Any], console: Console | None = None) -> No
     )
     for table in status_tables(snapshot):
         console.print(table)
+
+
+def print_bench(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="taskmesh bench (medians)", title_justify="left")
+    for column in ("workload", "metric", "taskmesh", "baseline", "ratio"):
+        table.add_column(column, justify="left" if column in ("workload", "metric") else "right")
+    for f in report["figures"]:
+        ratio = f["ratio"]
+        baseline = "" if f["baseline"] is None else f"{f['baseline']:,.2f} {f['unit']}"
+        table.add_row(
+            f["workload"],
+            f["metric"],
+            f"{f['taskmesh']:,.2f} {f['unit']}",
+            baseline,
+            "" if ratio is None else f"{ratio:.2f}x",
+        )
+    console.print(table)
+    console.print(
+        f"start-up to first result: {report['startup_to_first_result_s']:.2f}s; ratio > 1 means "
+        "taskmesh is better than the baseline"
+    )
