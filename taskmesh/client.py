@@ -27,12 +27,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import zmq
 
 from taskmesh import protocol as p
-from taskmesh.config import DEFAULT_QUEUE, ClientConfig, default_broker
+from taskmesh.config import DEFAULT_QUEUE, ClientConfig, HeartbeatConfig, default_broker
 from taskmesh.errors import BrokerUnavailable, ProtocolError, TaskmeshError
 from taskmesh.serialize import (
     callable_name,
@@ -189,9 +190,9 @@ class Client(Executor):
             retry_on=retry_names,
         )
         future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
-        with self._lock:
+        with self._lock:  # with _resync: a future is always either queued or unacked
             self._futures[spec.task_id] = future
-        self._outgoing.append(spec)
+            self._outgoing.append(spec)
         self._wake()
         return future
 
@@ -300,6 +301,7 @@ class Client(Executor):
                 self._expire_unacked(now)
             try:
                 self._send(p.Bye())
+                self._sock.close(linger=200)  # give the goodbye a moment to leave
             except Exception:
                 pass
         except Exception:
@@ -317,17 +319,17 @@ class Client(Executor):
 
     def _send_outgoing(self, now: float) -> bool:
         sent = False
-        while self._cancels:
-            ids, terminate = self._cancels.popleft()
-            self._send(p.Cancel(ids, terminate))
-            sent = True
-        while self._outgoing:
+        while self._outgoing:  # submits first: a cancel must not overtake its task
             batch: list[p.TaskSpec] = []
             while self._outgoing and len(batch) < _MAX_BATCH:
                 spec = self._outgoing.popleft()
                 batch.append(spec)
                 self._unacked[spec.task_id] = (now, spec)
             self._send(p.Submit(batch))
+            sent = True
+        while self._cancels:
+            ids, terminate = self._cancels.popleft()
+            self._send(p.Cancel(ids, terminate))
             sent = True
         return sent
 
@@ -338,9 +340,12 @@ class Client(Executor):
             except zmq.Again:
                 return
             try:
-                _, msg = p.decode(frames)
+                signature, msg = p.decode(frames)
             except ProtocolError as exc:
                 log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            if signature != p.PRODUCER:
+                log.warning("dropped a %s message with a worker signature", msg.KIND.name)
                 continue
             self._broker_seen = now
             self._on_message(msg, now)
@@ -355,6 +360,7 @@ class Client(Executor):
             if not self._connected:
                 log.debug("connected to broker %s at %s", msg.broker_id, self.broker)
             self._connected = True
+            self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Reconnect):
             self._resync()
         elif isinstance(msg, p.Error):
@@ -363,6 +369,15 @@ class Client(Executor):
             for task_id in msg.task_ids:
                 self._unacked.pop(task_id, None)
                 self._settle_id(task_id, False, error)
+
+    def _adopt_heartbeat(self, welcome: p.Welcome) -> None:
+        """The broker's heartbeat rules win: both sides must agree on when a peer is dead."""
+        try:
+            hb = HeartbeatConfig(welcome.heartbeat_interval_s, welcome.heartbeat_liveness)
+        except ValueError:
+            return
+        if hb != self.config.heartbeat:
+            self.config = replace(self.config, heartbeat=hb)
 
     def _resolve(self, outcomes: list[p.Outcome]) -> None:
         # the broker may forget these tasks now; a resent copy is harmless (first one wins)
@@ -385,11 +400,15 @@ class Client(Executor):
     def _resync(self) -> None:
         """Say hello again, resend what the broker never acknowledged, ask for the rest."""
         self._hello()
+        now = time.monotonic()
+        with self._lock:
+            while self._outgoing:
+                spec = self._outgoing.popleft()
+                self._unacked[spec.task_id] = (now, spec)
+            watched = [t for t in self._futures if t not in self._unacked]
         unacked = [spec for _, spec in self._unacked.values()]
         for i in range(0, len(unacked), _MAX_BATCH):
             self._send(p.Submit(unacked[i : i + _MAX_BATCH]))
-        with self._lock:
-            watched = [t for t in self._futures if t not in self._unacked]
         for i in range(0, len(watched), 10_000):
             self._send(p.Watch(watched[i : i + 10_000]))
 

@@ -218,7 +218,7 @@ class TaskSpec:
         retries = _int(f[7], "task.retries")
         if max_attempts < 1 or retries < 0:
             raise ProtocolError("task: max_attempts must be >= 1 and retries >= 0")
-        return cls(
+        spec = cls(
             task_id=_str(f[0], "task.task_id"),
             name=_str(f[1], "task.name"),
             queue=_str(f[2], "task.queue"),
@@ -233,6 +233,13 @@ class TaskSpec:
             retry_backoff_s=_float(f[11], "task.retry_backoff_s"),
             retry_on=tuple(_str_list(f[12], "task.retry_on")),
         )
+        if not spec.queue or not spec.task_id:
+            raise ProtocolError("task: task_id and queue must be non-empty")
+        if spec.timeout_s is not None and not spec.timeout_s > 0:
+            raise ProtocolError("task: timeout_s must be > 0")
+        if not (spec.countdown_s >= 0 and spec.retry_backoff_s >= 0):
+            raise ProtocolError("task: countdown_s and retry_backoff_s must be >= 0")
+        return spec
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,6 +193,16 @@ class QueueStats:
 
 
 _MAX_CREDIT = 1_000_000
+_WORKER_LOST_MRO = (
+    "taskmesh.errors.WorkerLost",
+    "taskmesh.errors.TaskmeshError",
+    "Exception",
+    "BaseException",
+)
+#: what a worker may report; WORKER_LOST and UNKNOWN are the broker's own verdicts
+_WORKER_STATUSES = frozenset(
+    {Status.OK, Status.ERROR, Status.TIMEOUT, Status.LOST, Status.CANCELLED}
+)
 
 
 class Scheduler:
@@ -232,6 +242,7 @@ class Scheduler:
             "retried": 0,
             "workers_lost": 0,
             "duplicates_dropped": 0,
+            "invalid_outcomes": 0,
         }
         self.recent_failures: list[dict[str, Any]] = []
         self.dead_workers: list[dict[str, Any]] = []
@@ -337,7 +348,7 @@ class Scheduler:
         old = self.producers.get(msg.client_id)
         if old is not None and old.address != address:
             self._peers.pop(old.address, None)
-        self._forget_address(address)
+        self._forget_address(address, now)
         self.producers[msg.client_id] = ProducerRecord(msg, address, now)
         self._peers[address] = ("p", msg.client_id)
         welcome = Welcome(
@@ -447,7 +458,7 @@ class Scheduler:
                     self.counters["requeued"] += 1
                     self._enqueue(record, now)
         else:
-            self._forget_address(address)
+            self._forget_address(address, now)
             worker = WorkerRecord(msg, address, next(self._worker_seq), now)
             self.workers[msg.worker_id] = worker
         for task_id in held:
@@ -485,6 +496,9 @@ class Scheduler:
             acks.append(outcome.task_id)
             worker.running.discard(outcome.task_id)
             record = self.tasks.get(outcome.task_id)
+            if outcome.status not in _WORKER_STATUSES:
+                self.counters["invalid_outcomes"] += 1
+                continue
             if record is None or record.state in TERMINAL:
                 self.counters["duplicates_dropped"] += 1
                 continue
@@ -570,7 +584,7 @@ class Scheduler:
                 f"task {record.spec.name} [{record.spec.task_id}] was lost {record.lost} times "
                 f"(max_attempts={record.spec.max_attempts}); last: {why}"
             )
-            info = ErrorInfo("taskmesh.errors.WorkerLost", message, "", ("WorkerLost",))
+            info = ErrorInfo("taskmesh.errors.WorkerLost", message, "", _WORKER_LOST_MRO)
             outcome = Outcome(record.spec.task_id, Status.WORKER_LOST, b"", info)
             self._finish(record, outcome, TaskState.FAILED, now)
             return
@@ -702,13 +716,14 @@ class Scheduler:
         if i:
             del retired[:i]
 
-    def _forget_address(self, address: bytes) -> None:
+    def _forget_address(self, address: bytes, now: float) -> None:
         peer = self._peers.pop(address, None)
         if peer is None:
             return
         kind, peer_id = peer
-        if kind == "w" and peer_id in self.workers:
-            self.workers.pop(peer_id)
+        worker = self.workers.get(peer_id) if kind == "w" else None
+        if worker is not None:
+            self._worker_left(worker, now)
         elif kind == "p":
             self.producers.pop(peer_id, None)
 
@@ -776,10 +791,10 @@ class Scheduler:
     def restore(self, recovery: Recovery, now: float) -> None:
         """Rebuild from the journal after a restart (before any message is handled).
 
-        Unfinished tasks wait one liveness period (or until their own not-before time) so that
+        Unfinished tasks wait two liveness periods (or until their own not-before time) so that
         workers still running them can claim them on re-registration.
         """
-        grace = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        grace = 2 * self.config.heartbeat_interval_s * self.config.heartbeat_liveness
         max_seq = -1
         for item in recovery.pending:
             record = TaskRecord(item.spec, item.client_id, item.seq, now)
