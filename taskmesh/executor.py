@@ -1,14 +1,20 @@
-"""Runs user code: one executor process, one task at a time, fed by its worker supervisor.
+"""Runs user code: the executor process, fed batches of tasks by its worker supervisor.
 
 An executor holds no ZeroMQ context and no socket; it talks to its supervisor over a pipe. User
 code may crash it (``os._exit``, a segfault, the OOM killer) or hang it: the supervisor notices
 through the process sentinel, reports the task lost or timed out, and starts a fresh executor.
 So nothing here tries to survive that; it only turns every *Python* outcome into a report.
 
-Pipe protocol (supervisor -> executor): three byte strings per task, ``header`` (a pickled
-``(task_id, name)``), the pickled function and the pickled ``(args, kwargs)``.
-Executor -> supervisor: one pickled ``(task_id, status, value, error, run_s)`` per task, where
-``error`` is ``None`` or ``(type_name, message, traceback, mro)``.
+Pipe protocol. Supervisor -> executor: one pickled list of ``(seq, task_id, name, fn, args)``
+per batch, large blobs as out-of-band buffers after it, then an empty message.
+Executor -> supervisor: one pickled list of ``(seq, status, value, error, run_s)`` per flush,
+where ``error`` is ``None`` or ``(type_name, message, traceback, mro)``. Results are flushed
+at the end of each batch and whenever a couple of milliseconds have passed, so short tasks
+cost one pipe message per batch rather than one per task.
+
+Progress. Before each task the executor writes the task's ``seq`` and start time into a small
+shared array (a memory write, no system call); it writes ``-1`` when idle. That is how the
+supervisor knows which task to blame when the process dies, and when a time limit is hit.
 """
 
 from __future__ import annotations
@@ -32,15 +38,24 @@ from taskmesh.protocol import Status
 from taskmesh.serialize import qualified_name
 
 _FN_CACHE_SIZE = 256
+_FLUSH_EVERY_S = 0.002
 
 ErrorTuple = tuple[str, str, str, tuple[str, ...]]
+
+#: index of the running task's seq and of its start time in the shared progress array
+PROGRESS_SEQ = 0
+PROGRESS_STARTED = 1
+IDLE = -1.0
 
 
 def describe_exception(exc: BaseException) -> ErrorTuple:
     """Names and text of an exception: what survives even when the exception does not unpickle."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    mro = tuple(qualified_name(c) for c in type(exc).__mro__ if c not in (object,))
-    return (qualified_name(type(exc)), str(exc), text, mro)
+    return (qualified_name(type(exc)), str(exc), text, exception_mro(type(exc)))
+
+
+def exception_mro(cls: type) -> tuple[str, ...]:
+    return tuple(qualified_name(c) for c in cls.__mro__ if c is not object)
 
 
 def pickle_exception(exc: BaseException) -> bytes:
@@ -93,7 +108,7 @@ def run_task(
             f"the result of task {name} [{task_id}] cannot be pickled: "
             f"{type(exc).__name__}: {exc} (result type {type(value).__name__})"
         )
-        return _error("taskmesh.errors.SerializationError", message, exc)
+        return _serialization_error(message, exc)
 
 
 def _load_failure(what: str, exc: BaseException) -> tuple[int, bytes, ErrorTuple]:
@@ -104,17 +119,16 @@ def _load_failure(what: str, exc: BaseException) -> tuple[int, bytes, ErrorTuple
             "where the worker runs (or start the worker from its folder), or ship it by value "
             "with cloudpickle.register_pickle_by_value(module)"
         )
-    message = f"{what}: {type(exc).__name__}: {exc}{hint}"
-    return _error("taskmesh.errors.SerializationError", message, exc)
+    return _serialization_error(f"{what}: {type(exc).__name__}: {exc}{hint}", exc)
 
 
-def _error(type_name: str, message: str, cause: BaseException) -> tuple[int, bytes, ErrorTuple]:
+def _serialization_error(message: str, cause: BaseException) -> tuple[int, bytes, ErrorTuple]:
     from taskmesh.errors import SerializationError
 
     exc = SerializationError(message)
     _, _, text, _ = describe_exception(cause)
-    mro = tuple(qualified_name(c) for c in SerializationError.__mro__ if c is not object)
-    return int(Status.ERROR), pickle_exception(exc), (type_name, message, text, mro)
+    info = (qualified_name(SerializationError), message, text, exception_mro(SerializationError))
+    return int(Status.ERROR), pickle_exception(exc), info
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -125,26 +139,55 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
-def executor_main(conn: Connection, worker_name: str) -> None:
+def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
     """Entry point of an executor process (started by the supervisor through a forkserver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TASKMESH_WORKER_NAME"] = worker_name
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     cache = _FunctionCache()
+    clock = time.monotonic
+    progress[PROGRESS_SEQ] = IDLE
     while True:
         try:
-            header = conn.recv_bytes()
-            fn_blob = conn.recv_bytes()
-            args_blob = conn.recv_bytes()
+            batch = recv_batch(conn)
         except (EOFError, OSError):
             return
-        task_id, name = pickle.loads(header)
-        started = time.perf_counter()
-        status, value, error = run_task(cache, task_id, name, fn_blob, args_blob)
-        run_s = time.perf_counter() - started
-        try:
-            conn.send_bytes(pickle.dumps((task_id, status, value, error, run_s), protocol=5))
-        except (BrokenPipeError, OSError):
+        results: list[tuple[int, int, bytes, ErrorTuple | None, float]] = []
+        last_flush = clock()
+        for seq, task_id, name, fn_blob, args_blob in batch:
+            started = clock()
+            progress[PROGRESS_STARTED] = started
+            progress[PROGRESS_SEQ] = seq
+            status, value, error = run_task(cache, task_id, name, fn_blob, args_blob)
+            finished = clock()
+            progress[PROGRESS_SEQ] = IDLE
+            results.append((seq, status, value, error, finished - started))
+            if finished - last_flush >= _FLUSH_EVERY_S:
+                if not _flush(conn, results):
+                    return
+                results = []
+                last_flush = finished
+        if results and not _flush(conn, results):
             return
         sys.stdout.flush()
+
+
+def recv_batch(conn: Connection) -> Any:
+    """The other end of ``executor_pool.send_batch``: a header, its buffers, an empty marker."""
+    header = conn.recv_bytes()
+    buffers = []
+    while True:
+        data = conn.recv_bytes()
+        if not data:
+            break
+        buffers.append(data)
+    return pickle.loads(header, buffers=buffers)
+
+
+def _flush(conn: Connection, results: list[Any]) -> bool:
+    try:
+        conn.send_bytes(pickle.dumps(results, protocol=5))
+    except (BrokenPipeError, OSError):
+        return False
+    return True
