@@ -129,6 +129,7 @@ class Client(Executor):
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = dealer(self._ctx, url)  # raises BrokerUnavailable for a bad address
         self._connected = False
+        self._hello_at: float | None = None  # a Hello sent, its Welcome not yet seen
         self._broker_seen = time.monotonic()
         self._thread = threading.Thread(target=self._io_loop, name="taskmesh-client", daemon=True)
         self._thread.start()
@@ -313,6 +314,7 @@ class Client(Executor):
 
     def _hello(self) -> None:
         self._send(p.Hello(self.client_id, self.config.name, socket.gethostname(), os.getpid()))
+        self._hello_at = time.monotonic()
 
     def _send(self, msg: p.Message) -> None:
         self._sock.send_multipart(p.encode(p.PRODUCER, msg), copy=False)
@@ -360,9 +362,13 @@ class Client(Executor):
             if not self._connected:
                 log.debug("connected to broker %s at %s", msg.broker_id, self.broker)
             self._connected = True
+            self._hello_at = None
             self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Reconnect):
-            self._resync()
+            # one resync answers every Reconnect sent before the broker saw our Hello
+            pending = self._hello_at
+            if pending is None or now - pending > self.config.heartbeat.timeout_s:
+                self._resync()
         elif isinstance(msg, p.Error):
             log.error("broker refused a message: %s: %s", msg.code, msg.message)
             error = ProtocolError(f"the broker refused task(s): {msg.code}: {msg.message}")

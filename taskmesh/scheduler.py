@@ -105,6 +105,7 @@ class TaskRecord:
 
     __slots__ = (
         "attempt",
+        "cancel_requested",
         "client_id",
         "entry",
         "errors",
@@ -132,7 +133,9 @@ class TaskRecord:
         self.queued_at = now
         self.started_at = 0.0
         self.outcome: Outcome | None = None
-        self.entry: tuple[int, int, str] | None = None  # its live heap entry while pending
+        # its live entry in a queue heap (while pending) or in the delayed heap (while delayed)
+        self.entry: tuple[float, int, str] | None = None
+        self.cancel_requested = False  # terminate asked while running: never run it again
 
 
 class WorkerRecord:
@@ -183,9 +186,10 @@ class ProducerRecord:
 
 
 class QueueStats:
-    __slots__ = ("done", "failed", "pending", "running")
+    __slots__ = ("delayed", "done", "failed", "pending", "running")
 
     def __init__(self) -> None:
+        self.delayed = 0
         self.pending = 0
         self.running = 0
         self.done = 0
@@ -227,7 +231,7 @@ class Scheduler:
         # ROUTER address -> ("p", client_id) or ("w", worker_id)
         self._peers: dict[bytes, tuple[str, str]] = {}
         # per queue: heap of (-priority, seq, task_id); stale entries are skipped on pop
-        self._queues: dict[str, list[tuple[int, int, str]]] = {}
+        self._queues: dict[str, list[tuple[float, int, str]]] = {}
         self._delayed: list[tuple[float, int, str]] = []
         self._retired: list[tuple[float, str]] = []  # (finished_at, task_id), for the TTL
         self._seq = itertools.count()
@@ -351,10 +355,12 @@ class Scheduler:
         self._forget_address(address, now)
         self.producers[msg.client_id] = ProducerRecord(msg, address, now)
         self._peers[address] = ("p", msg.client_id)
-        welcome = Welcome(
+        return [Send(address, PRODUCER, self._welcome())]
+
+    def _welcome(self) -> Welcome:
+        return Welcome(
             self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
         )
-        return [Send(address, PRODUCER, welcome)]
 
     def _submit(self, producer: ProducerRecord, specs: Iterable[TaskSpec], now: float) -> None:
         acks = self._out_acks.setdefault(producer.client_id, [])
@@ -388,9 +394,10 @@ class Scheduler:
                 continue
             if record.state is TaskState.RUNNING:
                 if terminate and record.worker_id is not None:
+                    record.cancel_requested = True
                     aborts.setdefault(record.worker_id, []).append(task_id)
                 continue
-            self._stop_running(record)
+            self._leave_state(record)
             self._finish(record, Outcome(task_id, Status.CANCELLED), TaskState.CANCELLED, now)
         for worker_id, ids in aborts.items():
             worker = self.workers.get(worker_id)
@@ -443,6 +450,13 @@ class Scheduler:
             ]
         held = set(msg.held)
         worker = self.workers.get(msg.worker_id)
+        if worker is not None and worker.address == address:
+            # a repeat on the same socket (it answered several Reconnects): tasks sent since the
+            # first Ready are still on their way, and its credit already counts them
+            worker.last_seen = now
+            for task_id in held:
+                self._claim(task_id, worker, now)
+            return [Send(address, WORKER, self._welcome())]
         if worker is not None:
             # the same live worker on a fresh socket: what it still holds is still its own;
             # what it does not hold was sent to its old socket and lost: queue it again
@@ -454,9 +468,7 @@ class Scheduler:
             for task_id in worker.running - held:
                 record = self.tasks.get(task_id)
                 if record is not None and record.state is TaskState.RUNNING:
-                    self._stop_running(record)
-                    self.counters["requeued"] += 1
-                    self._enqueue(record, now)
+                    self._requeue_uncharged(record, now)
         else:
             self._forget_address(address, now)
             worker = WorkerRecord(msg, address, next(self._worker_seq), now)
@@ -465,17 +477,14 @@ class Scheduler:
             self._claim(task_id, worker, now)
         self._peers[address] = ("w", msg.worker_id)
         self._dirty = True
-        welcome = Welcome(
-            self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
-        )
-        return [Send(address, WORKER, welcome)]
+        return [Send(address, WORKER, self._welcome())]
 
     def _claim(self, task_id: str, worker: WorkerRecord, now: float) -> None:
         """A (re)registering worker still holds this task: let it finish there, not run twice."""
         record = self.tasks.get(task_id)
         if record is None or record.state not in (TaskState.PENDING, TaskState.DELAYED):
             return
-        self._stop_running(record)
+        self._leave_state(record)
         self.stats[record.spec.queue].running += 1
         record.state = TaskState.RUNNING
         record.worker_id = worker.worker_id
@@ -494,11 +503,11 @@ class Scheduler:
         acks = self._out_results_acks.setdefault(worker.address, [])
         for outcome in outcomes:
             acks.append(outcome.task_id)
-            worker.running.discard(outcome.task_id)
-            record = self.tasks.get(outcome.task_id)
             if outcome.status not in _WORKER_STATUSES:
                 self.counters["invalid_outcomes"] += 1
                 continue
+            worker.running.discard(outcome.task_id)
+            record = self.tasks.get(outcome.task_id)
             if record is None or record.state in TERMINAL:
                 self.counters["duplicates_dropped"] += 1
                 continue
@@ -511,7 +520,7 @@ class Scheduler:
                 self._lost(record, now, f"its executor on {worker.name} died")
                 continue
             # a late success from a worker presumed dead still counts: first outcome wins
-            self._stop_running(record)
+            self._leave_state(record)
             self._outcome(record, outcome, worker, now)
 
     def _outcome(
@@ -549,9 +558,7 @@ class Scheduler:
             if record is None or record.state is not TaskState.RUNNING:
                 continue
             if record.worker_id == worker.worker_id:
-                self._stop_running(record)
-                self.counters["requeued"] += 1
-                self._enqueue(record, now)
+                self._requeue_uncharged(record, now)
         self._remove_worker(worker, now, "left")
 
     def _worker_died(self, worker: WorkerRecord, now: float, reason: str) -> None:
@@ -577,7 +584,9 @@ class Scheduler:
 
     def _lost(self, record: TaskRecord, now: float, why: str) -> None:
         """The run was lost to a dead worker or executor: requeue, or stop a poison task."""
-        self._stop_running(record)
+        self._leave_state(record)
+        if self._cancelled_instead(record, now):
+            return
         record.lost += 1
         if record.lost >= record.spec.max_attempts:
             message = (
@@ -591,6 +600,22 @@ class Scheduler:
         record.attempt += 1
         self.counters["requeued"] += 1
         self._requeue(record, now, 0.0)
+
+    def _cancelled_instead(self, record: TaskRecord, now: float) -> bool:
+        """A task whose cancel was asked while it ran is finished as cancelled, not rerun."""
+        if not record.cancel_requested:
+            return False
+        self._finish(
+            record, Outcome(record.spec.task_id, Status.CANCELLED), TaskState.CANCELLED, now
+        )
+        return True
+
+    def _requeue_uncharged(self, record: TaskRecord, now: float) -> None:
+        """Its run was interrupted through no fault of the task's: queue it again for free."""
+        self._leave_state(record)
+        if not self._cancelled_instead(record, now):
+            self.counters["requeued"] += 1
+            self._enqueue(record, now)
 
     def _backoff(self, spec: TaskSpec, errors: int) -> float:
         """Exponential backoff with jitter: base * 2^(n-1) * U(0.5, 1.5), capped."""
@@ -625,7 +650,7 @@ class Scheduler:
         heap = self._queues.get(spec.queue)
         if heap is None:
             heap = self._queues[spec.queue] = []
-        entry = (-spec.priority, record.seq, spec.task_id)
+        entry = (float(-spec.priority), record.seq, spec.task_id)
         record.entry = entry
         heapq.heappush(heap, entry)
         self.stats[spec.queue].pending += 1
@@ -634,9 +659,13 @@ class Scheduler:
     def _delay(self, record: TaskRecord, ready_at: float) -> None:
         record.state = TaskState.DELAYED
         record.worker_id = None
-        heapq.heappush(self._delayed, (ready_at, record.seq, record.spec.task_id))
+        entry = (ready_at, record.seq, record.spec.task_id)
+        record.entry = entry
+        heapq.heappush(self._delayed, entry)
+        self.stats[record.spec.queue].delayed += 1
 
-    def _stop_running(self, record: TaskRecord) -> None:
+    def _leave_state(self, record: TaskRecord) -> None:
+        """Take a task out of its pending, delayed or running bookkeeping (stats, heaps)."""
         if record.state is TaskState.RUNNING:
             self.stats[record.spec.queue].running -= 1
             worker = self.workers.get(record.worker_id or "")
@@ -644,6 +673,9 @@ class Scheduler:
                 worker.running.discard(record.spec.task_id)
         elif record.state is TaskState.PENDING:
             self.stats[record.spec.queue].pending -= 1
+            record.entry = None
+        elif record.state is TaskState.DELAYED:
+            self.stats[record.spec.queue].delayed -= 1
             record.entry = None
 
     def _finish(
@@ -697,9 +729,10 @@ class Scheduler:
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, task_id = heapq.heappop(self._delayed)
-            record = self.tasks.get(task_id)
-            if record is not None and record.state is TaskState.DELAYED:
+            entry = heapq.heappop(self._delayed)
+            record = self.tasks.get(entry[2])
+            if record is not None and record.entry is entry:
+                self._leave_state(record)  # leaves DELAYED
                 self._enqueue(record, now)
 
     def _expire(self, now: float) -> None:
@@ -748,8 +781,8 @@ class Scheduler:
                 heapq.heappush(candidates, (-worker.credit, running + 1, seq, worker_id))
 
     def _pop_best(self, queues: tuple[str, ...]) -> TaskRecord | None:
-        best: tuple[int, int, str] | None = None
-        best_heap: list[tuple[int, int, str]] | None = None
+        best: tuple[float, int, str] | None = None
+        best_heap: list[tuple[float, int, str]] | None = None
         for name in queues:
             heap = self._queues.get(name)
             while heap:
@@ -853,6 +886,7 @@ class Scheduler:
             {
                 "name": name,
                 "pending": s.pending,
+                "delayed": s.delayed,
                 "running": s.running,
                 "done": s.done,
                 "failed": s.failed,
@@ -865,7 +899,7 @@ class Scheduler:
             "queues": queues,
             "counters": dict(self.counters),
             "workers_alive": len(self.workers),
-            "delayed": len(self._delayed),
+            "delayed": sum(s.delayed for s in self.stats.values()),
             "recent_failures": list(self.recent_failures),
             "dead_workers": list(self.dead_workers),
         }

@@ -129,6 +129,7 @@ class Mesh:
         self.env = {**os.environ, **(env or {})}
         self.env.pop("TASKMESH_BROKER", None)
         self.broker: ManagedProcess | None = None
+        self.old_brokers: list[ManagedProcess] = []  # replaced by start_broker, kept for logs
         self.workers: list[ManagedProcess] = []
         self.url = ""
         self._clients: list[Client] = []
@@ -141,7 +142,12 @@ class Mesh:
         return ["--heartbeat-interval", str(interval), "--heartbeat-liveness", str(liveness)]
 
     def start_broker(self, bind: str | None = None, journal: str | None = None) -> ManagedProcess:
-        """Start (or restart) the broker; a restart binds the same address as before."""
+        """Start (or restart) the broker; a restart binds the same address as before.
+
+        A broker still running is stopped first (kill it yourself to simulate a crash)."""
+        if self.broker is not None:
+            self.broker.stop(grace_s=3.0)
+            self.old_brokers.append(self.broker)
         port_file = self.workdir / "broker.endpoint"
         port_file.unlink(missing_ok=True)
         bind = bind or self.url or "tcp://127.0.0.1:0"
@@ -251,12 +257,14 @@ class Mesh:
             proc.stop(grace_s=3.0)
         if self.broker is not None:
             self.broker.stop(grace_s=3.0)
+        for old in self.old_brokers:
+            old.stop(grace_s=1.0)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
     def logs(self) -> str:
-        procs = ([self.broker] if self.broker else []) + self.workers
+        procs = [*self.old_brokers, *([self.broker] if self.broker else []), *self.workers]
         return "\n".join(
             f"--- {proc.name} ({proc.log_path.name})\n{proc.output()}" for proc in procs
         )

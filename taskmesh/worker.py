@@ -54,6 +54,7 @@ class WorkerNode:
         self._last_sent = 0.0
         self._reconnect_delay = self.heartbeat.interval_s
         self._next_reconnect = 0.0
+        self._registered_at: float | None = None  # a Ready sent, its Welcome not yet seen
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -144,6 +145,7 @@ class WorkerNode:
             held=held + list(self._unacked),
         )
         self._send(ready)
+        self._registered_at = time.monotonic()
         if self._unacked:
             self._send(p.Results(list(self._unacked.values()), 0))
 
@@ -177,10 +179,14 @@ class WorkerNode:
         elif isinstance(msg, p.Abort):
             self.pool.abort(set(msg.task_ids))
         elif isinstance(msg, p.Reconnect):
-            log.info("broker does not know this worker; registering again")
-            self._register()
+            # one Ready answers every Reconnect sent before the broker saw it
+            pending = self._registered_at
+            if pending is None or now - pending > self.heartbeat.timeout_s:
+                log.info("broker does not know this worker; registering again")
+                self._register()
         elif isinstance(msg, p.Welcome):
             log.info("registered with broker %s at %s", msg.broker_id, self.config.broker)
+            self._registered_at = None
             self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Error):
             log.error("broker refused a message: %s: %s", msg.code, msg.message)
