@@ -33,15 +33,10 @@ from typing import Any, TypeVar
 import zmq
 
 from taskmesh import protocol as p
-from taskmesh.config import DEFAULT_QUEUE, ClientConfig, HeartbeatConfig, default_broker
+from taskmesh.config import ClientConfig, HeartbeatConfig, default_broker
 from taskmesh.errors import BrokerUnavailable, ProtocolError, TaskmeshError
-from taskmesh.serialize import (
-    callable_name,
-    dumps_call,
-    dumps_function,
-    load_outcome,
-    qualified_name,
-)
+from taskmesh.options import DEFAULT_OPTIONS, TaskOptions, split_call_options
+from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
 from taskmesh.transport import check_endpoint, dealer
 
 log = logging.getLogger(__name__)
@@ -49,21 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 2000  # tasks per Submit message
-
-#: per-call options: leading underscore so they never collide with the user's keyword arguments
-CALL_OPTIONS = frozenset(
-    {
-        "_queue",
-        "_priority",
-        "_timeout",
-        "_retries",
-        "_retry_backoff",
-        "_retry_on",
-        "_max_attempts",
-        "_countdown",
-        "_key",
-    }
-)
 
 
 class TaskFuture(Future[T]):
@@ -142,53 +122,41 @@ class Client(Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskFuture[T]:
         """Run ``fn(*args, **kwargs)`` on a worker; options as ``_queue=``, ``_priority=``..."""
-        options = {k[1:]: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
-        # a @task keeps its own defaults (queue, retries, ...) when submitted through a client
-        defaults = getattr(fn, "default_options", None)
-        if callable(defaults):
-            options = {**defaults(), **options}
-        return self.submit_call(fn, args, kwargs, **options)
+        overrides = split_call_options(kwargs)
+        # a @task keeps its own options (queue, retries, ...) when submitted through a client
+        base = getattr(fn, "options", None)
+        options = (base if isinstance(base, TaskOptions) else DEFAULT_OPTIONS).merged(overrides)
+        return self.submit_call(fn, args, kwargs, options)
 
     def submit_call(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        options: TaskOptions = DEFAULT_OPTIONS,
         *,
         name: str | None = None,
-        queue: str = DEFAULT_QUEUE,
-        priority: int = 0,
-        timeout: float | None = None,
-        retries: int = 0,
-        retry_backoff: float = 0.0,
-        retry_on: tuple[type[BaseException], ...] = (),
-        max_attempts: int = 3,
-        countdown: float = 0.0,
-        key: str | None = None,
         fn_blob: bytes | None = None,
     ) -> TaskFuture[Any]:
         """The one place a task is built: every submit path (``Task.submit`` too) ends here."""
         if self._closed:
             raise RuntimeError("cannot submit to a closed taskmesh Client")
-        _check_options(queue, priority, timeout, retries, max_attempts, countdown)
-        retry_names = _retry_names(retry_on)
-        if retry_backoff < 0:
-            raise ValueError(f"retry_backoff must be >= 0 seconds, got {retry_backoff!r}")
         display = name or callable_name(fn)
+        timeout = options.timeout
         spec = p.TaskSpec(
-            task_id=f"{self.client_id}-{next(self._ids)}",
-            name=display,
-            queue=queue,
-            fn=fn_blob if fn_blob is not None else dumps_function(fn),
-            args=dumps_call(display, args, kwargs),
-            priority=int(priority),
-            timeout_s=None if timeout is None else float(timeout),
-            retries=int(retries),
-            max_attempts=int(max_attempts),
-            countdown_s=float(countdown),
-            key=key,
-            retry_backoff_s=float(retry_backoff),
-            retry_on=retry_names,
+            f"{self.client_id}-{next(self._ids)}",
+            display,
+            options.queue,
+            fn_blob if fn_blob is not None else dumps_function(fn),
+            dumps_call(display, args, kwargs),
+            options.priority,
+            None if timeout is None else float(timeout),
+            options.retries,
+            options.max_attempts,
+            float(options.countdown),
+            options.key,
+            float(options.retry_backoff),
+            options.retry_names,
         )
         future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
         with self._lock:  # with _resync: a future is always either queued or unacked
@@ -459,39 +427,6 @@ def _settle(future: Future[Any], ok: bool, value: Any) -> None:
             future.set_exception(value)
     except InvalidStateError:
         pass  # cancelled locally in the meantime
-
-
-def _check_options(
-    queue: str,
-    priority: int,
-    timeout: float | None,
-    retries: int,
-    max_attempts: int,
-    countdown: float,
-) -> None:
-    if not isinstance(queue, str) or not queue:
-        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
-    if not isinstance(priority, int):
-        raise TypeError(f"priority must be an int, got {priority!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
-    if countdown < 0:
-        raise ValueError(f"countdown must be >= 0 seconds, got {countdown!r}")
-
-
-def _retry_names(retry_on: Any) -> tuple[str, ...]:
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    names = []
-    for exc_type in retry_on:
-        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-            raise TypeError(f"retry_on takes exception classes, got {exc_type!r}")
-        names.append(qualified_name(exc_type))
-    return tuple(names)
 
 
 def fetch_status(broker: str, timeout_s: float = 5.0) -> dict[str, Any]:

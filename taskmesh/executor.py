@@ -6,7 +6,8 @@ through the process sentinel, reports the task lost or timed out, and starts a f
 So nothing here tries to survive that; it only turns every *Python* outcome into a report.
 
 Pipe protocol. Supervisor -> executor: one pickled list of ``(seq, task_id, name, fn, args)``
-per batch, large blobs as out-of-band buffers after it, then an empty message.
+per batch, prefixed by a byte that counts the large blobs sent after it as out-of-band
+buffers.
 Executor -> supervisor: one pickled list of ``(seq, status, value, error, run_s)`` per flush,
 where ``error`` is ``None`` or ``(type_name, message, traceback, mro)``. Results are flushed
 at the end of each batch and whenever a couple of milliseconds have passed, so short tasks
@@ -35,7 +36,7 @@ from typing import Any
 import cloudpickle
 
 from taskmesh.protocol import Status
-from taskmesh.serialize import qualified_name
+from taskmesh.serialize import dumps_value, qualified_name
 
 _FN_CACHE_SIZE = 256
 _FLUSH_EVERY_S = 0.002
@@ -92,7 +93,7 @@ def run_task(
     except BaseException as exc:
         return _load_failure(f"could not load the function of task {name} [{task_id}]", exc)
     try:
-        args, kwargs = cloudpickle.loads(args_blob)
+        args, kwargs = pickle.loads(args_blob)
     except BaseException as exc:
         return _load_failure(f"could not unpickle the arguments of task {name} [{task_id}]", exc)
     try:
@@ -102,7 +103,7 @@ def run_task(
     except BaseException as exc:
         return int(Status.ERROR), pickle_exception(exc), describe_exception(exc)
     try:
-        return int(Status.OK), cloudpickle.dumps(value, protocol=5), None
+        return int(Status.OK), dumps_value(value), None
     except BaseException as exc:
         message = (
             f"the result of task {name} [{task_id}] cannot be pickled: "
@@ -174,15 +175,10 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
 
 
 def recv_batch(conn: Connection) -> Any:
-    """The other end of ``executor_pool.send_batch``: a header, its buffers, an empty marker."""
+    """The other end of ``executor_pool.send_batch``: a counted header, then its buffers."""
     header = conn.recv_bytes()
-    buffers = []
-    while True:
-        data = conn.recv_bytes()
-        if not data:
-            break
-        buffers.append(data)
-    return pickle.loads(header, buffers=buffers)
+    buffers = [conn.recv_bytes() for _ in range(header[0])]
+    return pickle.loads(memoryview(header)[1:], buffers=buffers)
 
 
 def _flush(conn: Connection, results: list[Any]) -> bool:

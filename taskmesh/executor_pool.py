@@ -83,14 +83,15 @@ def _out_of_band(blob: p.Blob) -> Any:
 
 
 def send_batch(conn: Connection, batch: list[Any]) -> None:
-    """One pickled batch, then each out-of-band buffer, then an end marker (an empty message
-    never comes out of ``pickle.dumps``, so it cannot be confused with a header)."""
+    """One message: a byte that counts the out-of-band buffers, and the pickled batch; then
+    each buffer as its own message (none at all for small tasks: one write per batch)."""
     buffers: list[pickle.PickleBuffer] = []
     header = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
-    conn.send_bytes(header)
+    if len(buffers) > 255:
+        raise ValueError("too many large blobs in one executor batch")
+    conn.send_bytes(bytes([len(buffers)]) + header)
     for buffer in buffers:
         conn.send_bytes(buffer.raw())
-    conn.send_bytes(b"")
 
 
 def _signal_name(exitcode: int | None) -> str:

@@ -82,6 +82,8 @@ class Status(enum.IntEnum):
     UNKNOWN = 6  # the broker has no record of the task
 
 
+_STATUSES = {int(s): s for s in Status}
+
 # --------------------------------------------------------------------------- field checks
 
 
@@ -124,7 +126,11 @@ def _list(value: Any, what: str) -> list[Any]:
 
 
 def _str_list(value: Any, what: str) -> list[str]:
-    return [_str(v, what) for v in _list(value, what)]
+    items = _list(value, what)
+    for v in items:
+        if type(v) is not str:
+            raise ProtocolError(f"{what}: expected strings, got {type(v).__name__}")
+    return items
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
@@ -195,12 +201,13 @@ class TaskSpec:
     retry_on: tuple[str, ...] = ()  # qualified exception names; empty means any exception
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
+        fn, args = self.fn, self.args
         return [
             self.task_id,
             self.name,
             self.queue,
-            blobs.put(self.fn),
-            blobs.put(self.args),
+            fn if len(fn) <= blobs.inline_max else blobs.put(fn),
+            args if len(args) <= blobs.inline_max else blobs.put(args),
             self.priority,
             self.timeout_s,
             self.retries,
@@ -213,6 +220,34 @@ class TaskSpec:
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
+        # the common case checked in one expression; anything unusual takes the careful path
+        if type(value) is list and len(value) == 13:
+            task_id, name, queue, fn, args, prio, timeout, retries, attempts, cd, key, bo, on = (
+                value
+            )
+            if (
+                type(task_id) is str
+                and task_id
+                and type(name) is str
+                and type(queue) is str
+                and queue
+                and type(fn) is bytes
+                and type(args) is bytes
+                and type(prio) is int
+                and timeout is None
+                and retries == 0
+                and type(attempts) is int
+                and attempts >= 1
+                and cd == 0
+                and key is None
+                and bo == 0
+                and on == []
+            ):
+                return cls(task_id, name, queue, fn, args, prio, None, 0, attempts)
+        return cls._from_wire_checked(value, blobs)
+
+    @classmethod
+    def _from_wire_checked(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
         f = _arity(value, 13, "task")
         max_attempts = _int(f[8], "task.max_attempts")
         retries = _int(f[7], "task.retries")
@@ -254,17 +289,29 @@ class Assignment:
     timeout_s: float | None
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
+        fn, args = self.fn, self.args
         return [
             self.task_id,
             self.name,
-            blobs.put(self.fn),
-            blobs.put(self.args),
+            fn if len(fn) <= blobs.inline_max else blobs.put(fn),
+            args if len(args) <= blobs.inline_max else blobs.put(args),
             self.attempt,
             self.timeout_s,
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> Assignment:
+        if type(value) is list and len(value) == 6:
+            task_id, name, fn, args, attempt, timeout = value
+            if (
+                type(task_id) is str
+                and type(name) is str
+                and type(fn) is bytes
+                and type(args) is bytes
+                and type(attempt) is int
+                and (timeout is None or type(timeout) is float)
+            ):
+                return cls(task_id, name, fn, args, attempt, timeout)
         f = _arity(value, 6, "assignment")
         return cls(
             task_id=_str(f[0], "assignment.task_id"),
@@ -310,16 +357,28 @@ class Outcome:
     run_s: float = 0.0
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
+        value = self.value
         return [
             self.task_id,
             int(self.status),
-            blobs.put(self.value),
+            value if len(value) <= blobs.inline_max else blobs.put(value),
             None if self.error is None else self.error.to_wire(),
             self.run_s,
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> Outcome:
+        if type(value) is list and len(value) == 5:
+            task_id, status, blob, error, run_s = value
+            known = _STATUSES.get(status) if type(status) is int else None
+            if (
+                known is not None
+                and type(task_id) is str
+                and type(blob) is bytes
+                and error is None
+                and type(run_s) is float
+            ):
+                return cls(task_id, known, blob, None, run_s)
         f = _arity(value, 5, "outcome")
         try:
             status = Status(_int(f[1], "outcome.status"))

@@ -27,7 +27,7 @@ import heapq
 import itertools
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery
@@ -906,7 +906,21 @@ class Scheduler:
 
 
 def _strip_payload(spec: TaskSpec) -> TaskSpec:
-    return replace(spec, fn=b"", args=b"")
+    return TaskSpec(
+        spec.task_id,
+        spec.name,
+        spec.queue,
+        b"",
+        b"",
+        spec.priority,
+        spec.timeout_s,
+        spec.retries,
+        spec.max_attempts,
+        spec.countdown_s,
+        spec.key,
+        spec.retry_backoff_s,
+        spec.retry_on,
+    )
 
 
 def _retryable(spec: TaskSpec, error: ErrorInfo | None) -> bool:

@@ -61,9 +61,36 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
     return blob
 
 
+#: values that plain pickle handles exactly as cloudpickle would (no code, no classes by value)
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``pickle`` can stand in for ``cloudpickle``: builtin scalars, and lists, tuples
+    and dicts of them (one level deep). Checking is far cheaper than a cloudpickle Pickler."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is list or kind is tuple:
+        return all(type(v) in _PLAIN for v in value)
+    if kind is dict:
+        return all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in value.items())
+    return False
+
+
+def dumps_value(value: Any) -> bytes:
+    """Pickle a result or an argument tuple: plain pickle when it is enough, else cloudpickle."""
+    if is_plain(value):
+        return pickle.dumps(value, protocol=5)
+    blob: bytes = cloudpickle.dumps(value, protocol=5)
+    return blob
+
+
 def dumps_call(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
     """Pickle a call's arguments; on failure name the argument that cannot travel."""
     try:
+        if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+            return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)
         blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
         return blob
     except Exception as exc:

@@ -10,28 +10,18 @@ import functools
 import importlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
-from taskmesh.client import CALL_OPTIONS, Client, TaskFuture, default_client
+from taskmesh.client import Client, TaskFuture, default_client
 from taskmesh.config import DEFAULT_QUEUE
+from taskmesh.options import TaskOptions, split_call_options
 from taskmesh.serialize import dumps_function
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    queue: str = DEFAULT_QUEUE
-    priority: int = 0
-    timeout: float | None = None
-    retries: int = 0
-    retry_backoff: float = 0.0
-    retry_on: tuple[type[BaseException], ...] = ()
-    max_attempts: int = 3
 
 
 class Task(Generic[P, R]):
@@ -62,39 +52,26 @@ class Task(Generic[P, R]):
                 return (_load_task, (module, qualname))
         return (_rebuild_task, (self.fn, self.options))
 
-    def default_options(self) -> dict[str, Any]:
-        """The options every submit of this task starts from."""
-        opts = self.options
-        return {
-            "queue": opts.queue,
-            "priority": opts.priority,
-            "timeout": opts.timeout,
-            "retries": opts.retries,
-            "retry_backoff": opts.retry_backoff,
-            "retry_on": opts.retry_on,
-            "max_attempts": opts.max_attempts,
-        }
-
     def with_options(self, **changes: Any) -> Task[P, R]:
         """A copy with other default options, e.g. ``add.with_options(queue="cpu")``."""
         return Task(self.fn, replace(self.options, **changes))
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Run on a worker. Per-call options: ``_queue``, ``_priority``, ``_timeout``,
-        ``_retries``, ``_max_attempts``, ``_countdown``, ``_key`` (and ``_client``)."""
+        ``_retries``, ``_retry_backoff``, ``_retry_on``, ``_max_attempts``, ``_countdown``,
+        ``_key`` (and ``_client``)."""
         client = kwargs.pop("_client", None)
-        options = {k[1:]: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
-        return self._submit(client, args, kwargs, options)
+        overrides = split_call_options(kwargs)
+        return self._submit(client, args, kwargs, self.options.merged(overrides))
 
     def _submit(
-        self, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+        self, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: TaskOptions
     ) -> TaskFuture[R]:
         target: Client = client if client is not None else default_client()
-        merged = {**self.default_options(), **options}
         if self._blob is None:
             self._blob = dumps_function(self)
         future: TaskFuture[R] = target.submit_call(
-            self, args, kwargs, name=self.name, fn_blob=self._blob, **merged
+            self, args, kwargs, options, name=self.name, fn_blob=self._blob
         )
         return future
 
@@ -102,7 +79,9 @@ class Task(Generic[P, R]):
         self, *iterables: Iterable[Any], timeout: float | None = None, client: Client | None = None
     ) -> Iterator[R]:
         """Submit one task per item (like ``Executor.map``) and yield results in order."""
-        futures = [self._submit(client, tuple(a), {}, {}) for a in zip(*iterables, strict=False)]
+        futures = [
+            self._submit(client, tuple(a), {}, self.options) for a in zip(*iterables, strict=False)
+        ]
         return _results_in_order(futures, timeout)
 
 
@@ -184,7 +163,13 @@ def task(
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
     options = TaskOptions(
-        queue, priority, timeout, retries, retry_backoff, tuple(retry_on), max_attempts
+        queue=queue,
+        priority=priority,
+        timeout=timeout,
+        retries=retries,
+        retry_backoff=retry_backoff,
+        retry_on=tuple(retry_on),
+        max_attempts=max_attempts,
     )
     if fn is not None:
         return Task(fn, options)

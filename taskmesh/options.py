@@ -1,0 +1,88 @@
+"""What a submission may set, validated once: a ``@task`` checks its options when it is
+decorated, a per-call override when it is given, so the submit hot path checks nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from taskmesh.config import DEFAULT_QUEUE
+from taskmesh.serialize import qualified_name
+
+#: per-call options: leading underscore so they never collide with the user's keyword arguments
+CALL_OPTIONS = frozenset(
+    {
+        "_queue",
+        "_priority",
+        "_timeout",
+        "_retries",
+        "_retry_backoff",
+        "_retry_on",
+        "_max_attempts",
+        "_countdown",
+        "_key",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How a task is queued and run; every field can be overridden per call as ``_name=``."""
+
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float = 0.0
+    retry_on: tuple[type[BaseException], ...] = ()
+    max_attempts: int = 3
+    countdown: float = 0.0
+    key: str | None = None
+    retry_names: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.queue, str) or not self.queue:
+            raise ValueError(f"queue must be a non-empty string, got {self.queue!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise TypeError(f"priority must be an int, got {self.priority!r}")
+        if self.timeout is not None and not (
+            isinstance(self.timeout, int | float) and self.timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        if not isinstance(self.countdown, int | float) or self.countdown < 0:
+            raise ValueError(f"countdown must be >= 0 seconds, got {self.countdown!r}")
+        if not isinstance(self.retry_backoff, int | float) or self.retry_backoff < 0:
+            raise ValueError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
+        if self.key is not None and not isinstance(self.key, str):
+            raise TypeError(f"key must be a string, got {self.key!r}")
+        retry_on: Any = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        for exc_type in retry_on:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise TypeError(f"retry_on takes exception classes, got {exc_type!r}")
+        object.__setattr__(self, "retry_on", tuple(retry_on))
+        object.__setattr__(self, "retry_names", tuple(qualified_name(t) for t in retry_on))
+
+    def merged(self, overrides: dict[str, Any]) -> TaskOptions:
+        """These options with per-call overrides (names without the underscore)."""
+        if not overrides:
+            return self
+        unknown = set(overrides) - {f"{k[1:]}" for k in CALL_OPTIONS}
+        if unknown:
+            raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+
+DEFAULT_OPTIONS = TaskOptions()
+
+
+def split_call_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the ``_option=`` keyword arguments out of a call's kwargs (names without ``_``)."""
+    if not kwargs:
+        return {}
+    return {name[1:]: kwargs.pop(name) for name in [k for k in kwargs if k in CALL_OPTIONS]}
