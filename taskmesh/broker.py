@@ -12,10 +12,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import queue
 import signal
 import sqlite3
+import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import zmq
@@ -23,7 +26,7 @@ import zmq
 from taskmesh import protocol as p
 from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
-from taskmesh.journal import open_journal
+from taskmesh.journal import Journal, JournalBatch, MemoryJournal, open_journal
 from taskmesh.scheduler import Scheduler, SchedulerConfig, Send
 from taskmesh.transport import check_endpoint
 
@@ -101,6 +104,7 @@ class Broker:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.started_at = time.monotonic()
         self._stopping = False
+        self._writer: JournalWriter | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -128,9 +132,15 @@ class Broker:
             self.endpoint,
             self.config.journal,
         )
+        if not isinstance(self.journal, MemoryJournal):
+            self._writer = JournalWriter(self.journal, self._wake_w)
         try:
             self._loop()
         finally:
+            if self._writer is not None:
+                for ready in self._writer.close():
+                    for send in ready:
+                        self._send(send)
             if in_main:
                 signal.set_wakeup_fd(old_wakeup)
                 for sig, handler in old_handlers.items():
@@ -176,16 +186,22 @@ class Broker:
                     next_tick = now + interval
             sends.extend(sched.flush(now))
             batch = sched.take_journal()
-            if batch:
-                try:
-                    self.journal.write(batch)
-                except sqlite3.Error:
+            if self._writer is None:
+                for send in sends:
+                    self._send(send)
+            elif batch or self._writer.in_flight:
+                self._writer.submit(batch, sends)  # sent once the batch is durable
+            else:
+                for send in sends:  # nothing to persist and nothing ahead of it: send now
+                    self._send(send)
+            if self._writer is not None:
+                for ready in self._writer.take_ready():
+                    for send in ready:
+                        self._send(send)
+                if self._writer.failed:
                     # nothing unpersisted may be acknowledged: stop rather than lie
-                    log.critical("journal write failed; stopping the broker", exc_info=True)
+                    log.critical("journal write failed; stopping the broker")
                     self._stopping = True
-                    break
-            for send in sends:
-                self._send(send)
 
     def _tick(self, now: float) -> list[Send]:
         before = set(self.scheduler.workers)
@@ -233,9 +249,71 @@ class Broker:
             log.debug("send to a peer failed: %s", exc)
 
 
-def _in_main_thread() -> bool:
-    import threading
+class JournalWriter:
+    """Writes journal batches on a thread of its own, so that one batch's fsync overlaps the
+    broker's work on the next. Each batch travels with the sends of its loop iteration, and
+    those are handed back only once the batch, and every batch before it, is durable: no
+    acknowledgement ever runs ahead of the journal, and sends keep their order."""
 
+    def __init__(self, journal: Journal, wake_fd: int) -> None:
+        self._journal = journal
+        self._wake_fd = wake_fd
+        self._queue: queue.SimpleQueue[tuple[JournalBatch, list[Send]] | None] = queue.SimpleQueue()
+        self._ready: deque[list[Send]] = deque()
+        self.in_flight = 0
+        self.failed = False
+        self._thread = threading.Thread(target=self._run, name="taskmesh-journal", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: JournalBatch, sends: list[Send]) -> None:
+        self.in_flight += 1
+        self._queue.put((batch, sends))
+
+    def take_ready(self) -> list[list[Send]]:
+        ready = []
+        while self._ready:
+            ready.append(self._ready.popleft())
+        self.in_flight -= len(ready)
+        return ready
+
+    def close(self) -> list[list[Send]]:
+        """Finish what is queued and stop; returns the sends released meanwhile."""
+        self._queue.put(None)
+        self._thread.join(timeout=30.0)
+        return self.take_ready()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop and not self.failed:
+            # everything queued while the last commit ran goes into one transaction
+            items: list[tuple[JournalBatch, list[Send]]] = []
+            item = self._queue.get()
+            while item is not None:
+                items.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stop = True
+            merged = JournalBatch()
+            for batch, _ in items:
+                merged.extend(batch)
+            try:
+                if merged:
+                    self._journal.write(merged)
+            except Exception:
+                log.critical("journal write failed", exc_info=True)
+                self.failed = True
+            else:
+                self._ready.extend(sends for _, sends in items)
+            try:
+                os.write(self._wake_fd, b"j")
+            except OSError:
+                pass
+
+
+def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 

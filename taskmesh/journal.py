@@ -67,6 +67,13 @@ class JournalBatch:
     def __bool__(self) -> bool:
         return bool(self.submitted or self.requeued or self.finished or self.forgotten)
 
+    def extend(self, other: JournalBatch) -> None:
+        """Append a later batch: applying the result equals applying both in order."""
+        self.submitted.extend(other.submitted)
+        self.requeued.extend(other.requeued)
+        self.finished.extend(other.finished)
+        self.forgotten.extend(other.forgotten)
+
 
 @dataclass(frozen=True, slots=True)
 class Recovery:
