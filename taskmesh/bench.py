@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,10 +21,12 @@ from typing import Any
 
 import zmq
 
+from taskmesh import protocol as p
 from taskmesh.client import Client
+from taskmesh.serialize import dumps_call, dumps_function
 from taskmesh.testing import Mesh
 
-WORKLOADS = ("throughput", "latency", "sleep", "payload")
+WORKLOADS = ("throughput", "latency", "sleep", "payload", "scale")
 
 
 def noop(x: int) -> int:
@@ -226,6 +230,146 @@ def _raw_zmq_echo(data: bytes) -> float:
     return 2 * size_mb / elapsed
 
 
+# ----------------------------------------------------------------------------- scale
+
+
+def _proc_stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds, resident bytes) of one process, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
+def scale_memory(pending: int, progress: Callable[[str], None]) -> list[Figure]:
+    """Broker memory per pending task beyond its payload: ``pending`` tasks queued for a queue
+    no worker serves, the broker's resident size measured before and after."""
+    with Mesh(workers=0, log_level="WARNING") as mesh:
+        assert mesh.broker is not None
+        client = Client(mesh.url)
+        try:
+            client.status()
+            _, rss_before = _proc_stat(mesh.broker.pid)
+            for start in range(0, pending, 100_000):
+                for i in range(start, min(start + 100_000, pending)):
+                    client.submit(noop, i, _queue="parked")
+                progress(f"  {min(start + 100_000, pending):,} tasks submitted")
+            deadline = time.monotonic() + 600
+            while mesh.status(timeout_s=30)["counters"]["submitted"] < pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the broker did not take every task in time")
+                time.sleep(0.2)
+            _, rss_after = _proc_stat(mesh.broker.pid)
+        finally:
+            client.close()
+    payload = len(dumps_function(noop)) + len(dumps_call("noop", (0,), {}))
+    per_task = (rss_after - rss_before) / pending - payload
+    return [
+        Figure(
+            "scale",
+            f"broker memory per pending task ({pending:,} queued)",
+            per_task,
+            1024.0,
+            "bytes",
+            "lower",
+            [per_task],
+            note=f"baseline is the 1 KB budget; {payload} payload bytes excluded",
+        )
+    ]
+
+
+class _FakeWorkers:
+    """N worker connections in one thread that answer every task at once: what remains is the
+    broker's own cost of dispatching, whatever the number of workers."""
+
+    def __init__(self, url: str, n: int, credit: int) -> None:
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._socks = []
+        for i in range(n):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(url)
+            ready = p.Ready(
+                uuid.uuid4().hex, f"fake-{i}", "bench", os.getpid(), ["default"], 1, credit
+            )
+            sock.send_multipart(p.encode(p.WORKER, ready))
+            self._socks.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
+        result = pickle.dumps(None)
+        last_beat = time.monotonic()
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(100):
+                while True:
+                    try:
+                        _, msg = p.decode(sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if isinstance(msg, p.Tasks):
+                        outcomes = [
+                            p.Outcome(a.task_id, p.Status.OK, result) for a in msg.assignments
+                        ]
+                        sock.send_multipart(p.encode(p.WORKER, p.Results(outcomes, len(outcomes))))
+            if time.monotonic() - last_beat > 0.5:
+                last_beat = time.monotonic()
+                for sock in self._socks:
+                    sock.send_multipart(p.encode(p.WORKER, p.Heartbeat()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for sock in self._socks:
+            sock.close(0)
+        self._ctx.term()
+
+
+def scale_dispatch(
+    counts: tuple[int, ...], tasks: int, progress: Callable[[str], None]
+) -> list[Figure]:
+    """Broker CPU per task with 1, 8, 64 connected workers (answering at once)."""
+    costs: dict[int, float] = {}
+    for n in counts:
+        with Mesh(workers=0, log_level="WARNING") as mesh:
+            assert mesh.broker is not None
+            fakes = _FakeWorkers(mesh.url, n, credit=16)
+            client = Client(mesh.url)
+            try:
+                mesh.wait_for_workers(n)
+                for f in [client.submit(noop, i) for i in range(1000)]:
+                    f.result(timeout=60)
+                cpu_before, _ = _proc_stat(mesh.broker.pid)
+                for f in [client.submit(noop, i) for i in range(tasks)]:
+                    f.result(timeout=300)
+                cpu_after, _ = _proc_stat(mesh.broker.pid)
+            finally:
+                client.close()
+                fakes.close()
+        costs[n] = (cpu_after - cpu_before) / tasks * 1e6
+        progress(f"  {n} workers: {costs[n]:.1f} us of broker CPU per task")
+    first = costs[counts[0]]
+    return [
+        Figure(
+            "scale",
+            f"broker CPU per task, {n} workers",
+            cost,
+            first,
+            "us",
+            "lower",
+            [cost],
+            note=f"baseline: the same with {counts[0]} worker",
+        )
+        for n, cost in costs.items()
+    ]
+
+
 def _alternate(
     first: Callable[[], float], second: Callable[[], float], repeat: int
 ) -> tuple[list[float], list[float]]:
@@ -253,6 +397,9 @@ class BenchConfig:
     sleep_s: float = 0.05
     payload_mb: int = 100
     repeat: int = 3
+    scale_pending: int = 1_000_000
+    scale_workers: tuple[int, ...] = (1, 8, 64)
+    scale_tasks: int = 20_000
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -292,6 +439,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
                     figures += sleep(client, slots, config.sleep_tasks, config.sleep_s, 1)
                 elif name == "payload":
                     figures += payload(client, config.payload_mb, config.repeat)
+                elif name == "scale":
+                    figures += scale_memory(config.scale_pending, progress)
+                    figures += scale_dispatch(config.scale_workers, config.scale_tasks, progress)
                 else:
                     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
     finally:

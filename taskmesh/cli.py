@@ -267,6 +267,28 @@ def failed(
 
 
 @app.command()
+def dashboard(
+    broker: BrokerUrl = DEFAULT_BROKER,
+    refresh: Annotated[
+        float,
+        typer.Option(
+            "--refresh",
+            envvar="TASKMESH_DASHBOARD_REFRESH",
+            min=0.05,
+            help="Seconds between status snapshots.",
+        ),
+    ] = 0.5,
+) -> None:
+    """Live view of workers, queues, throughput and failures; q or Ctrl-C quits."""
+    from taskmesh.dashboard import run_dashboard
+
+    try:
+        run_dashboard(broker, refresh_s=refresh)
+    except (TaskmeshError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
 def demo(
     tasks: Annotated[int, typer.Option("--tasks", min=10, help="How many tasks to run.")] = 300,
     workers: Annotated[int, typer.Option("--workers", min=2, help="Local worker nodes.")] = 2,
@@ -292,7 +314,7 @@ def bench(
     ] = None,
     workloads: Annotated[
         str, typer.Option("--workloads", "-w", help="Comma-separated: throughput,latency,...")
-    ] = "throughput,latency,sleep,payload",
+    ] = "throughput,latency,sleep,payload,scale",
     tasks: Annotated[
         int, typer.Option("--tasks", min=1, help="Tasks per throughput run.")
     ] = 10_000,
@@ -305,6 +327,9 @@ def bench(
         bool, typer.Option("--journal/--no-journal", help="Embedded broker with SQLite journal.")
     ] = False,
     payload_mb: Annotated[int, typer.Option("--payload-mb", min=1, help="Payload size.")] = 100,
+    scale_pending: Annotated[
+        int, typer.Option("--scale-pending", min=1000, help="Tasks queued for the memory figure.")
+    ] = 1_000_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """The built-in benchmark, each figure beside a baseline measured in the same run."""
@@ -320,6 +345,7 @@ def bench(
         tasks=tasks,
         repeat=repeat,
         payload_mb=payload_mb,
+        scale_pending=scale_pending,
     )
     say = (lambda _msg: None) if as_json else (lambda msg: typer.echo(msg, err=True))
     try:

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, ClassVar, TypeAlias
 
 import msgpack
@@ -243,7 +244,8 @@ class TaskSpec:
                 and bo == 0
                 and on == []
             ):
-                return cls(task_id, name, queue, fn, args, prio, None, 0, attempts)
+                # names repeat across millions of tasks: keep one copy of each
+                return cls(task_id, intern(name), intern(queue), fn, args, prio, None, 0, attempts)
         return cls._from_wire_checked(value, blobs)
 
     @classmethod
@@ -255,8 +257,8 @@ class TaskSpec:
             raise ProtocolError("task: max_attempts must be >= 1 and retries >= 0")
         spec = cls(
             task_id=_str(f[0], "task.task_id"),
-            name=_str(f[1], "task.name"),
-            queue=_str(f[2], "task.queue"),
+            name=intern(_str(f[1], "task.name")),
+            queue=intern(_str(f[2], "task.queue")),
             fn=blobs.get(f[3], "task.fn"),
             args=blobs.get(f[4], "task.args"),
             priority=_int(f[5], "task.priority"),
