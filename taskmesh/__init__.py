@@ -27,6 +27,7 @@ from taskmesh.errors import (
     TaskTimeout,
     WorkerLost,
 )
+from taskmesh.progress import progress
 from taskmesh.task import Task, task
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "cancel",
     "connect",
     "default_client",
+    "progress",
     "task",
     "wait",
 ]
