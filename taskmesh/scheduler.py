@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from taskmesh.histogram import Histogram
 from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery
 from taskmesh.protocol import (
     PRODUCER,
@@ -249,6 +250,8 @@ class Scheduler:
             "invalid_outcomes": 0,
         }
         self.recent_failures: list[dict[str, Any]] = []
+        self.queue_wait = Histogram()  # from queued (or requeued) to dispatched
+        self.run_time = Histogram()  # as the executor measured it
         self.dead_workers: list[dict[str, Any]] = []
         # what flush() turns into batched sends
         self._out_tasks: dict[str, list[Assignment]] = {}
@@ -527,6 +530,7 @@ class Scheduler:
         self, record: TaskRecord, outcome: Outcome, worker: WorkerRecord, now: float
     ) -> None:
         spec = record.spec
+        self.run_time.observe(outcome.run_s)
         if outcome.status is Status.OK:
             worker.done += 1
             self._finish(
@@ -807,6 +811,7 @@ class Scheduler:
         record.entry = None
         record.worker_id = worker.worker_id
         record.started_at = now
+        self.queue_wait.observe(now - record.queued_at)
         worker.credit -= 1
         worker.running.add(spec.task_id)
         assignment = Assignment(
@@ -856,6 +861,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ status
 
+    def _head_wait(self, queue: str, now: float) -> float | None:
+        """How long the next task of a queue has waited (None if none or not known cheaply)."""
+        heap = self._queues.get(queue)
+        if not heap:
+            return None
+        record = self.tasks.get(heap[0][2])
+        if record is None or record.entry is not heap[0]:
+            return None
+        return round(now - record.queued_at, 3)
+
     def snapshot(self, now: float) -> dict[str, Any]:
         """Plain data for ``taskmesh status`` and the dashboard: computed from counters."""
         interval = self.config.heartbeat_interval_s
@@ -886,6 +901,7 @@ class Scheduler:
             {
                 "name": name,
                 "pending": s.pending,
+                "head_wait_s": self._head_wait(name, now),
                 "delayed": s.delayed,
                 "running": s.running,
                 "done": s.done,
@@ -901,6 +917,7 @@ class Scheduler:
             "workers_alive": len(self.workers),
             "delayed": sum(s.delayed for s in self.stats.values()),
             "recent_failures": list(self.recent_failures),
+            "latency": {"queue_wait": self.queue_wait.summary(), "run": self.run_time.summary()},
             "dead_workers": list(self.dead_workers),
         }
 

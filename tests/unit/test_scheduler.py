@@ -1049,7 +1049,15 @@ def test_status_snapshot_counts() -> None:
     m.results(ok("ok"), failed("bad"), credit=0)
     m.flush()
     snap = m.s.snapshot(0.5)
-    queues = {q["name"]: {k: v for k, v in q.items() if k != "name"} for q in snap["queues"]}
+    queues = {
+        q["name"]: {k: v for k, v in q.items() if k not in ("name", "head_wait_s")}
+        for q in snap["queues"]
+    }
+    assert {q["name"]: q["head_wait_s"] for q in snap["queues"]} == {
+        "cpu": 0.5,
+        "default": 0.5,
+        "io": 0.5,
+    }
     assert queues == {
         "cpu": {"pending": 1, "delayed": 0, "running": 0, "done": 0, "failed": 0},
         "default": {"pending": 1, "delayed": 0, "running": 1, "done": 1, "failed": 1},
