@@ -306,7 +306,8 @@ class Client(Executor):
     def _receive(self, now: float) -> None:
         for _ in range(10_000):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                # zero-copy: a large result is unpickled straight from the received frame
+                frames: list[Any] = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:

@@ -5,9 +5,9 @@ code may crash it (``os._exit``, a segfault, the OOM killer) or hang it: the sup
 through the process sentinel, reports the task lost or timed out, and starts a fresh executor.
 So nothing here tries to survive that; it only turns every *Python* outcome into a report.
 
-Pipe protocol. Supervisor -> executor: one pickled list of ``(seq, task_id, name, fn, args)``
-per batch, prefixed by a byte that counts the large blobs sent after it as out-of-band
-buffers.
+Pipe protocol (``send_message``/``recv_message``, both directions): a header message with the
+sizes of any large blobs, the pickled object, then each large blob as raw bytes read straight
+into a buffer. Supervisor -> executor: a list of ``(seq, task_id, name, fn, args)`` per batch.
 Executor -> supervisor: one pickled list of ``(seq, status, value, error, run_s)`` per flush,
 where ``error`` is ``None`` or ``(type_name, message, traceback, mro)``. Results are flushed
 at the end of each batch and whenever a couple of milliseconds have passed, so short tasks
@@ -25,6 +25,7 @@ import inspect
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -39,6 +40,8 @@ from taskmesh.protocol import Status
 from taskmesh.serialize import dumps_value, qualified_name
 
 _FN_CACHE_SIZE = 256
+#: blobs larger than this cross the pipe as raw out-of-band buffers, not inside a pickle
+LARGE_BLOB = 64 * 1024
 _FLUSH_EVERY_S = 0.002
 
 ErrorTuple = tuple[str, str, str, tuple[str, ...]]
@@ -151,7 +154,7 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
     progress[PROGRESS_SEQ] = IDLE
     while True:
         try:
-            batch = recv_batch(conn)
+            batch = recv_message(conn)
         except (EOFError, OSError):
             return
         results: list[tuple[int, int, bytes, ErrorTuple | None, float]] = []
@@ -160,10 +163,10 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
             started = clock()
             progress[PROGRESS_STARTED] = started
             progress[PROGRESS_SEQ] = seq
-            status, value, error = run_task(cache, task_id, name, fn_blob, args_blob)
+            status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args_blob)
             finished = clock()
             progress[PROGRESS_SEQ] = IDLE
-            results.append((seq, status, value, error, finished - started))
+            results.append((seq, status, out_of_band(value), error, finished - started))
             if finished - last_flush >= _FLUSH_EVERY_S:
                 if not _flush(conn, results):
                     return
@@ -174,16 +177,52 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
         sys.stdout.flush()
 
 
-def recv_batch(conn: Connection) -> Any:
-    """The other end of ``executor_pool.send_batch``: a counted header, then its buffers."""
-    header = conn.recv_bytes()
-    buffers = [conn.recv_bytes() for _ in range(header[0])]
-    return pickle.loads(memoryview(header)[1:], buffers=buffers)
+def out_of_band(blob: Any) -> Any:
+    """Mark a large blob to travel beside the pickle rather than inside it."""
+    return pickle.PickleBuffer(blob) if len(blob) > LARGE_BLOB else blob
+
+
+def send_message(conn: Connection, obj: Any) -> None:
+    """Send a pickled object; its out-of-band buffers follow as raw bytes on the same pipe.
+
+    The header message carries the buffer sizes, so the reader can read each one straight into
+    a buffer of the right size (``Connection.recv_bytes`` would grow and copy it in pieces).
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = struct.pack(f"!I{len(raws)}Q", len(raws), *(r.nbytes for r in raws))
+    conn.send_bytes(head + body)
+    fd = conn.fileno()
+    for raw in raws:
+        view = raw
+        while view.nbytes:
+            view = view[os.write(fd, view) :]
+
+
+def recv_message(conn: Connection) -> Any:
+    """The other end of ``send_message``; out-of-band buffers arrive as bytearrays."""
+    data = conn.recv_bytes()
+    (count,) = struct.unpack_from("!I", data)
+    sizes = struct.unpack_from(f"!{count}Q", data, 4)
+    fd = conn.fileno()
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                raise EOFError("pipe closed in the middle of a buffer")
+            got += n
+        buffers.append(buffer)
+    return pickle.loads(memoryview(data)[4 + 8 * count :], buffers=buffers)
 
 
 def _flush(conn: Connection, results: list[Any]) -> bool:
     try:
-        conn.send_bytes(pickle.dumps(results, protocol=5))
+        send_message(conn, results)
     except (BrokenPipeError, OSError):
         return False
     return True

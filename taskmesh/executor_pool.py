@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 from collections import deque
 from collections.abc import Iterable
@@ -25,7 +24,16 @@ from typing import Any
 from taskmesh import executor as executor_module
 from taskmesh import protocol as p
 from taskmesh.errors import TaskCancelled, TaskTimeout, WorkerLost
-from taskmesh.executor import IDLE, PROGRESS_SEQ, PROGRESS_STARTED, exception_mro
+from taskmesh.executor import (
+    IDLE,
+    LARGE_BLOB,
+    PROGRESS_SEQ,
+    PROGRESS_STARTED,
+    exception_mro,
+    out_of_band,
+    recv_message,
+    send_message,
+)
 from taskmesh.serialize import qualified_name
 
 log = logging.getLogger(__name__)
@@ -75,23 +83,6 @@ class _Executor:
                 os.kill(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _out_of_band(blob: p.Blob) -> Any:
-    """Large blobs travel beside the pickle, not inside it: no copy on either side."""
-    return pickle.PickleBuffer(blob) if len(blob) > p.INLINE_BLOB_MAX else blob
-
-
-def send_batch(conn: Connection, batch: list[Any]) -> None:
-    """One message: a byte that counts the out-of-band buffers, and the pickled batch; then
-    each buffer as its own message (none at all for small tasks: one write per batch)."""
-    buffers: list[pickle.PickleBuffer] = []
-    header = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
-    if len(buffers) > 255:
-        raise ValueError("too many large blobs in one executor batch")
-    conn.send_bytes(bytes([len(buffers)]) + header)
-    for buffer in buffers:
-        conn.send_bytes(buffer.raw())
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -211,9 +202,15 @@ class ExecutorPool:
             room = depth - len(ex.tasks)
             if room <= 0 or ex.kill_reason is not None:
                 continue
-            batch = []
+            batch: list[tuple[int, str, str, Any, Any]] = []
             while self.backlog and room > 0:
-                task = self.backlog.popleft()
+                task = self.backlog[0]
+                large = len(task.fn) + len(task.args) > LARGE_BLOB
+                if large and (ex.tasks or batch):
+                    # a big payload only goes to an idle executor, alone: writing it to a busy
+                    # one would block this loop (and its heartbeats) until that one reads it
+                    break
+                self.backlog.popleft()
                 self._seq += 1
                 ex.tasks.append((self._seq, task))
                 batch.append(
@@ -221,13 +218,17 @@ class ExecutorPool:
                         self._seq,
                         task.task_id,
                         task.name,
-                        _out_of_band(task.fn),
-                        _out_of_band(task.args),
+                        out_of_band(task.fn),
+                        out_of_band(task.args),
                     )
                 )
                 room -= 1
+                if large:
+                    break
+            if not batch:
+                continue
             try:
-                send_batch(ex.conn, batch)
+                send_message(ex.conn, batch)
             except OSError:
                 # it is dying; its sentinel will say so and the tasks go back then
                 continue
@@ -249,10 +250,10 @@ class ExecutorPool:
             try:
                 if not ex.conn.poll():
                     return
-                data = ex.conn.recv_bytes()
+                results = recv_message(ex.conn)
             except (EOFError, OSError):
                 return
-            for seq, status, value, error, run_s in pickle.loads(data):
+            for seq, status, value, error, run_s in results:
                 if not ex.tasks or ex.tasks[0][0] != seq:
                     log.error("executor %d returned task seq %s out of order", ex.index, seq)
                     continue
