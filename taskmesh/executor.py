@@ -143,6 +143,56 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
+class _Outbox:
+    """Outcomes waiting to go back to the supervisor, flushed in batches.
+
+    The main thread flushes at the end of each batch of tasks; a watchdog thread flushes
+    whatever has waited ``_FLUSH_EVERY_S`` while the main thread is busy in a longer task, so a
+    quick task's outcome never waits behind a slow neighbour (nor dies with it)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._results: list[tuple[int, int, Any, ErrorTuple | None, float]] = []
+        self._due: float | None = None
+        self.broken = False
+        threading.Thread(target=self._watch, name="taskmesh-outbox", daemon=True).start()
+
+    def add(self, result: tuple[int, int, Any, ErrorTuple | None, float]) -> None:
+        with self._lock:
+            self._results.append(result)
+            if self._due is None:
+                self._due = time.monotonic() + _FLUSH_EVERY_S
+                self._wakeup.notify()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._due = None
+        if not self._results:
+            return
+        results, self._results = self._results, []
+        try:
+            send_message(self._conn, results)
+        except (BrokenPipeError, OSError):
+            self.broken = True
+
+    def _watch(self) -> None:
+        with self._lock:
+            while True:
+                if self._due is None:
+                    self._wakeup.wait()
+                    continue
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._wakeup.wait(left)
+                    continue
+                self._flush_locked()
+
+
 def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
     """Entry point of an executor process (started by the supervisor through a forkserver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
@@ -150,15 +200,14 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
     os.environ["TASKMESH_WORKER_NAME"] = worker_name
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     cache = _FunctionCache()
+    outbox = _Outbox(conn)
     clock = time.monotonic
     progress[PROGRESS_SEQ] = IDLE
-    while True:
+    while not outbox.broken:
         try:
             batch = recv_message(conn)
         except (EOFError, OSError):
             return
-        results: list[tuple[int, int, bytes, ErrorTuple | None, float]] = []
-        last_flush = clock()
         for seq, task_id, name, fn_blob, args_blob in batch:
             started = clock()
             progress[PROGRESS_STARTED] = started
@@ -166,14 +215,8 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
             status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args_blob)
             finished = clock()
             progress[PROGRESS_SEQ] = IDLE
-            results.append((seq, status, out_of_band(value), error, finished - started))
-            if finished - last_flush >= _FLUSH_EVERY_S:
-                if not _flush(conn, results):
-                    return
-                results = []
-                last_flush = finished
-        if results and not _flush(conn, results):
-            return
+            outbox.add((seq, status, out_of_band(value), error, finished - started))
+        outbox.flush()
         sys.stdout.flush()
 
 
@@ -218,11 +261,3 @@ def recv_message(conn: Connection) -> Any:
             got += n
         buffers.append(buffer)
     return pickle.loads(memoryview(data)[4 + 8 * count :], buffers=buffers)
-
-
-def _flush(conn: Connection, results: list[Any]) -> bool:
-    try:
-        send_message(conn, results)
-    except (BrokenPipeError, OSError):
-        return False
-    return True
