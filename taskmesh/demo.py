@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from typing import Any, cast
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from taskmesh.client import TaskFuture
+from taskmesh.dashboard import DashboardState, render
+from taskmesh.errors import TaskmeshError
 from taskmesh.task import task
 from taskmesh.testing import Mesh
 
@@ -103,15 +108,9 @@ def _watch(
     done = failed_on_purpose = unexpected = 0
     victim = mesh.workers[0]
     killed = False
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("done {task.fields[done]}  failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("tasks", total=len(futures), done=0, failed=0)
+    live = console.is_terminal and not console.is_dumb_terminal
+    view = _LiveView(console, mesh, len(futures)) if live else _PlainView(console, len(futures))
+    with view:
         for completed in as_completed(futures, timeout=600):
             future = cast(TaskFuture[Any], completed)
             exc = future.exception()
@@ -123,23 +122,124 @@ def _watch(
                 failed_on_purpose += 1
             else:
                 unexpected += 1
-                progress.console.print(f"[red]unexpected failure[/] {future.name}: {exc!r}")
-            progress.update(bar, advance=1, done=done, failed=failed_on_purpose + unexpected)
+                view.note(f"[red]unexpected failure[/] {future.name}: {exc!r}")
+            view.update(done=done, failed=failed_on_purpose + unexpected)
             if not killed and done + failed_on_purpose >= len(futures) * 0.35:
                 killed = True
                 victim.signal(signal.SIGKILL)
-                progress.console.print(
+                view.note(
                     f"[yellow]killed worker {victim.name} (pid {victim.pid}) with SIGKILL at "
                     f"{time.monotonic() - started:.1f}s: its tasks will be requeued[/]"
                 )
                 joined = mesh.add_worker("worker-replacement")
-                progress.console.print(f"[green]worker {joined.name} joins the mesh[/]")
+                view.note(f"[green]worker {joined.name} joins the mesh[/]")
     return {
         "primes": primes,
         "done": done,
         "failed_on_purpose": failed_on_purpose,
         "unexpected": unexpected,
     }
+
+
+class _PlainView:
+    """A progress bar and printed notes: for logs, pipes and CI, where a live screen is noise."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("done {task.fields[done]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+        )
+        self._progress = Progress(*columns, console=console)
+        self._bar = self._progress.add_task("tasks", total=total, done=0, failed=0)
+
+    def __enter__(self) -> _PlainView:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, done: int, failed: int) -> None:
+        self._progress.update(self._bar, advance=1, done=done, failed=failed)
+
+    def note(self, markup: str) -> None:
+        self._progress.console.print(markup)
+
+
+class _LiveView:
+    """The live dashboard of the demo's own mesh, under a progress line and the latest notes.
+
+    A thread takes one status snapshot per refresh (as ``taskmesh dashboard`` does) while the
+    main thread collects results; the final frame stays on screen above the summary.
+    """
+
+    def __init__(self, console: Console, mesh: Mesh, total: int, refresh_s: float = 0.5) -> None:
+        self._console = console
+        self._mesh = mesh
+        self._total = total
+        self._refresh_s = refresh_s
+        self._done = self._failed = 0
+        self._notes: list[str] = []
+        self._started = time.monotonic()
+        self._state = DashboardState(mesh.url)
+        self._live = Live(console=console, auto_refresh=False, vertical_overflow="crop")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="taskmesh-demo-view", daemon=True)
+
+    def __enter__(self) -> _LiveView:
+        self._live.__enter__()
+        self._tick()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        try:
+            self._tick()  # the final counts, not those of half a refresh ago
+        finally:
+            self._live.__exit__(None, None, None)
+
+    def update(self, done: int, failed: int) -> None:
+        self._done, self._failed = done, failed
+
+    def note(self, markup: str) -> None:
+        self._notes.append(markup)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            self._tick()
+
+    def _tick(self) -> None:
+        try:
+            snapshot = self._mesh.status(timeout_s=1.0)
+        except TaskmeshError as exc:
+            self._state = self._state.unreachable(str(exc), time.monotonic())
+        else:
+            self._state = self._state.observe(snapshot, time.monotonic())
+        width, height = self._console.size
+        notes = [Text.from_markup(n, overflow="ellipsis") for n in self._notes[-2:]]
+        for line in notes:
+            line.no_wrap = True
+        rows = max(height - 2 - len(notes), 4)  # the last line stays free: no scrolling
+        board = render(self._state, time.monotonic(), width, rows, hint="")
+        self._live.update(Group(self._progress_line(width), *notes, board), refresh=True)
+
+    def _progress_line(self, width: int) -> Text:
+        finished = self._done + self._failed
+        cells = max(min(width - 48, 40), 10)
+        filled = cells * finished // max(self._total, 1)
+        line = Text("demo ", style="bold")
+        line.append("█" * filled, style="green")
+        line.append("░" * (cells - filled), style="dim")
+        line.append(f" {finished}/{self._total} tasks  done {self._done}  failed {self._failed}")
+        line.append(f"  {time.monotonic() - self._started:.1f}s", style="dim")
+        line.no_wrap = True
+        line.overflow = "ellipsis"
+        return line
 
 
 def _summary(
