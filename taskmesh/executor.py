@@ -195,8 +195,11 @@ class _Outbox:
 
 def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
     """Entry point of an executor process (started by the supervisor through a forkserver)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C and SIGTERM are the supervisor's to handle, even when sent to the whole process
+    # group (systemd, a terminal): it decides whether running tasks finish or are handed back,
+    # and it ends executors with SIGKILL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ["TASKMESH_WORKER_NAME"] = worker_name
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     cache = _FunctionCache()
