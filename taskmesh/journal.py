@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from taskmesh.histogram import Histogram
 from taskmesh.protocol import (
     Outcome,
     TaskSpec,
@@ -154,6 +155,7 @@ class SqliteJournal(Journal):
             )
         self.commits = 0
         self.commit_seconds = 0.0
+        self.commit_time = Histogram()
 
     def load(self) -> Recovery:
         pending: list[PendingTask] = []
@@ -222,8 +224,10 @@ class SqliteJournal(Journal):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        elapsed = time.perf_counter() - started
         self.commits += 1
-        self.commit_seconds += time.perf_counter() - started
+        self.commit_seconds += elapsed
+        self.commit_time.observe(elapsed)
 
     def close(self) -> None:
         try:
