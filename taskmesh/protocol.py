@@ -498,12 +498,14 @@ class Disconnect:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """The broker accepts a peer and tells it the heartbeat rules."""
+    """The broker accepts a peer and tells it the heartbeat rules and the largest message it
+    takes (a peer must not send more: the broker would drop the connection)."""
 
     KIND: ClassVar[Kind] = Kind.WELCOME
     broker_id: str
     heartbeat_interval_s: float
     heartbeat_liveness: int
+    max_message_bytes: int = 0  # 0: not announced
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,7 +649,7 @@ _simple(Bye)
 _simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list)
 _simple(Credit, _int)
 _simple(Disconnect)
-_simple(Welcome, _str, _float, _int)
+_simple(Welcome, _str, _float, _int, _int)
 _simple(Ack, _str_list)
 _simple(StatusReply, _dict)
 _simple(ResultsAck, _str_list)

@@ -99,6 +99,7 @@ class SchedulerConfig:
     result_ttl_s: float = 3600.0
     recent_failures: int = 20
     retry_backoff_max_s: float = 300.0
+    max_message_bytes: int = 0  # announced in Welcome; 0 when unlimited
 
 
 class TaskRecord:
@@ -362,7 +363,10 @@ class Scheduler:
 
     def _welcome(self) -> Welcome:
         return Welcome(
-            self.broker_id, self.config.heartbeat_interval_s, self.config.heartbeat_liveness
+            self.broker_id,
+            self.config.heartbeat_interval_s,
+            self.config.heartbeat_liveness,
+            self.config.max_message_bytes,
         )
 
     def _submit(self, producer: ProducerRecord, specs: Iterable[TaskSpec], now: float) -> None:
