@@ -470,6 +470,7 @@ class Ready:
     concurrency: int
     credit: int
     held: list[str] = field(default_factory=list)
+    weight: float = 1.0  # its share under the "weighted" routing strategy
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,7 +647,7 @@ _simple(StatusRequest)
 _simple(Watch, _str_list)
 _simple(Delivered, _str_list)
 _simple(Bye)
-_simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list)
+_simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list, _float)
 _simple(Credit, _int)
 _simple(Disconnect)
 _simple(Welcome, _str, _float, _int, _int)

@@ -22,7 +22,9 @@ Delivery rules kept here:
 
 from __future__ import annotations
 
+import bisect
 import enum
+import hashlib
 import heapq
 import itertools
 import random
@@ -77,6 +79,16 @@ class TaskState(enum.StrEnum):
 TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 
 
+class Route(enum.StrEnum):
+    """How the broker picks a worker for a queue's tasks (``taskmesh broker --route Q=S``)."""
+
+    LEAST_LOADED = "least-loaded"  # the worker with the most free credit (the default)
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    WEIGHTED = "weighted"  # random, in proportion to each worker's --weight
+    KEY = "key"  # consistent hashing on the task's key; tasks without one: least-loaded
+
+
 class WorkerState(enum.StrEnum):
     ALIVE = "alive"
     SUSPECT = "suspect"
@@ -100,6 +112,7 @@ class SchedulerConfig:
     recent_failures: int = 20
     retry_backoff_max_s: float = 300.0
     max_message_bytes: int = 0  # announced in Welcome; 0 when unlimited
+    routes: tuple[tuple[str, Route], ...] = ()  # (queue, strategy); unnamed queues: least-loaded
 
 
 class TaskRecord:
@@ -155,6 +168,7 @@ class WorkerRecord:
         "queues",
         "running",
         "seq",
+        "weight",
         "worker_id",
     )
 
@@ -173,6 +187,7 @@ class WorkerRecord:
         self.done = 0
         self.failed = 0
         self.seq = seq
+        self.weight = msg.weight if msg.weight > 0 else 1.0
 
 
 class ProducerRecord:
@@ -260,6 +275,11 @@ class Scheduler:
         self._out_acks: dict[str, list[str]] = {}
         self._out_results_acks: dict[bytes, list[str]] = {}
         self._dirty = False  # something may be dispatchable
+        self.routes: dict[str, Route] = {
+            queue: route for queue, route in self.config.routes if route is not Route.LEAST_LOADED
+        }
+        self._rr: dict[str, int] = {}  # round-robin position per queue
+        self._rings: dict[str, tuple[frozenset[str], list[tuple[int, str]]]] = {}
         self._immediate: list[Send] = []
 
     # ------------------------------------------------------------------ entry points
@@ -771,22 +791,93 @@ class Scheduler:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, now: float) -> None:
-        """Hand pending tasks to workers with credit, most free credit first."""
+        """Hand pending tasks to workers with credit: routed queues by their strategy, the
+        rest least-loaded (most free credit first)."""
+        for queue, route in self.routes.items():
+            stats = self.stats.get(queue)
+            if stats is not None and stats.pending:
+                self._dispatch_routed(queue, route, now)
+        routed = self.routes
         candidates = [
             (-w.credit, len(w.running), w.seq, w.worker_id)
             for w in self.workers.values()
-            if w.credit > 0 and any(self.stats.get(q) and self.stats[q].pending for q in w.queues)
+            if w.credit > 0
+            and any(
+                q not in routed and self.stats.get(q) and self.stats[q].pending for q in w.queues
+            )
         ]
         heapq.heapify(candidates)
         while candidates:
             _, running, seq, worker_id = heapq.heappop(candidates)
             worker = self.workers[worker_id]
-            record = self._pop_best(worker.queues)
+            queues = (
+                worker.queues if not routed else tuple(q for q in worker.queues if q not in routed)
+            )
+            record = self._pop_best(queues)
             if record is None:
                 continue
             self._start(record, worker, now)
             if worker.credit > 0:
                 heapq.heappush(candidates, (-worker.credit, running + 1, seq, worker_id))
+
+    def _dispatch_routed(self, queue: str, route: Route, now: float) -> None:
+        """Task by task: the strategy picks the worker; a task whose worker has no credit now
+        (key affinity) waits, and the tasks behind it go on."""
+        eligible = sorted(
+            (w for w in self.workers.values() if queue in w.queues), key=lambda w: w.seq
+        )
+        parked: list[TaskRecord] = []
+        while len(parked) < 1000 and any(w.credit > 0 for w in eligible):
+            record = self._pop_best((queue,))
+            if record is None:
+                break
+            worker = self._choose(queue, route, record, eligible)
+            if worker is None:
+                parked.append(record)
+                continue
+            self._start(record, worker, now)
+        heap = self._queues[queue]
+        for record in parked:  # still pending, under their old entries
+            if record.entry is not None:
+                heapq.heappush(heap, record.entry)
+
+    def _choose(
+        self, queue: str, route: Route, record: TaskRecord, eligible: list[WorkerRecord]
+    ) -> WorkerRecord | None:
+        free = [w for w in eligible if w.credit > 0]
+        if route is Route.KEY and record.spec.key is not None:
+            target = self._ring_lookup(queue, record.spec.key, eligible)
+            return target if target is not None and target.credit > 0 else None
+        if route is Route.ROUND_ROBIN:
+            start = self._rr.get(queue, 0)
+            for i in range(len(eligible)):
+                worker = eligible[(start + i) % len(eligible)]
+                if worker.credit > 0:
+                    self._rr[queue] = (start + i + 1) % len(eligible)
+                    return worker
+            return None
+        if route is Route.RANDOM:
+            return self.rng.choice(free)
+        if route is Route.WEIGHTED:
+            return self.rng.choices(free, weights=[w.weight for w in free])[0]
+        return max(free, key=lambda w: (w.credit, -len(w.running), -w.seq))
+
+    def _ring_lookup(
+        self, queue: str, key: str, eligible: list[WorkerRecord]
+    ) -> WorkerRecord | None:
+        """Consistent hashing: 64 points per worker name, so a worker joining or leaving moves
+        only about 1/N of the keys, and a worker that reconnects keeps its keys."""
+        if not eligible:
+            return None
+        names = frozenset(w.name for w in eligible)
+        cached = self._rings.get(queue)
+        if cached is None or cached[0] != names:
+            ring = sorted((_hash64(f"{name}#{i}"), name) for name in names for i in range(64))
+            cached = self._rings[queue] = (names, ring)
+        ring = cached[1]
+        index = bisect.bisect(ring, (_hash64(key), "")) % len(ring)
+        name = ring[index][1]
+        return next(w for w in eligible if w.name == name)
 
     def _pop_best(self, queues: tuple[str, ...]) -> TaskRecord | None:
         best: tuple[float, int, str] | None = None
@@ -952,3 +1043,7 @@ def _retryable(spec: TaskSpec, error: ErrorInfo | None) -> bool:
         return False
     names = set(error.mro) | {error.type_name}
     return any(name in names for name in spec.retry_on)
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
