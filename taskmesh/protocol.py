@@ -200,6 +200,7 @@ class TaskSpec:
     key: str | None = None
     retry_backoff_s: float = 0.0
     retry_on: tuple[str, ...] = ()  # qualified exception names; empty means any exception
+    rate_limit: float | None = None  # runs per second of this task name, across all workers
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
         fn, args = self.fn, self.args
@@ -217,15 +218,29 @@ class TaskSpec:
             self.key,
             self.retry_backoff_s,
             list(self.retry_on),
+            self.rate_limit,
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
         # the common case checked in one expression; anything unusual takes the careful path
-        if type(value) is list and len(value) == 13:
-            task_id, name, queue, fn, args, prio, timeout, retries, attempts, cd, key, bo, on = (
-                value
-            )
+        if type(value) is list and len(value) == 14:
+            (
+                task_id,
+                name,
+                queue,
+                fn,
+                args,
+                prio,
+                timeout,
+                retries,
+                attempts,
+                cd,
+                key,
+                bo,
+                on,
+                rl,
+            ) = value
             if (
                 type(task_id) is str
                 and task_id
@@ -243,6 +258,7 @@ class TaskSpec:
                 and key is None
                 and bo == 0
                 and on == []
+                and rl is None
             ):
                 # names repeat across millions of tasks: keep one copy of each
                 return cls(task_id, intern(name), intern(queue), fn, args, prio, None, 0, attempts)
@@ -250,7 +266,7 @@ class TaskSpec:
 
     @classmethod
     def _from_wire_checked(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
-        f = _arity(value, 13, "task")
+        f = _arity(value, 14, "task")
         max_attempts = _int(f[8], "task.max_attempts")
         retries = _int(f[7], "task.retries")
         if max_attempts < 1 or retries < 0:
@@ -269,11 +285,14 @@ class TaskSpec:
             key=_opt_str(f[10], "task.key"),
             retry_backoff_s=_float(f[11], "task.retry_backoff_s"),
             retry_on=tuple(_str_list(f[12], "task.retry_on")),
+            rate_limit=_opt_float(f[13], "task.rate_limit"),
         )
         if not spec.queue or not spec.task_id:
             raise ProtocolError("task: task_id and queue must be non-empty")
         if spec.timeout_s is not None and not spec.timeout_s > 0:
             raise ProtocolError("task: timeout_s must be > 0")
+        if spec.rate_limit is not None and not spec.rate_limit > 0:
+            raise ProtocolError("task: rate_limit must be > 0")
         if not (spec.countdown_s >= 0 and spec.retry_backoff_s >= 0):
             raise ProtocolError("task: countdown_s and retry_backoff_s must be >= 0")
         return spec

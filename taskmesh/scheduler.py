@@ -264,6 +264,7 @@ class Scheduler:
             "workers_lost": 0,
             "duplicates_dropped": 0,
             "invalid_outcomes": 0,
+            "rate_limited": 0,
         }
         self.recent_failures: list[dict[str, Any]] = []
         self.queue_wait = Histogram()  # from queued (or requeued) to dispatched
@@ -279,6 +280,7 @@ class Scheduler:
             queue: route for queue, route in self.config.routes if route is not Route.LEAST_LOADED
         }
         self._rr: dict[str, int] = {}  # round-robin position per queue
+        self._buckets: dict[str, tuple[float, float]] = {}  # task name -> (tokens, refilled at)
         self._rings: dict[str, tuple[frozenset[str], list[tuple[int, str]]]] = {}
         self._immediate: list[Send] = []
 
@@ -813,7 +815,7 @@ class Scheduler:
             queues = (
                 worker.queues if not routed else tuple(q for q in worker.queues if q not in routed)
             )
-            record = self._pop_best(queues)
+            record = self._pop_best(queues, now)
             if record is None:
                 continue
             self._start(record, worker, now)
@@ -828,7 +830,7 @@ class Scheduler:
         )
         parked: list[TaskRecord] = []
         while len(parked) < 1000 and any(w.credit > 0 for w in eligible):
-            record = self._pop_best((queue,))
+            record = self._pop_best((queue,), now)
             if record is None:
                 break
             worker = self._choose(queue, route, record, eligible)
@@ -879,7 +881,32 @@ class Scheduler:
         name = ring[index][1]
         return next(w for w in eligible if w.name == name)
 
-    def _pop_best(self, queues: tuple[str, ...]) -> TaskRecord | None:
+    def _pop_best(self, queues: tuple[str, ...], now: float) -> TaskRecord | None:
+        """The next task to run from these queues; a rate-limited task without a token now is
+        put aside (delayed until its next token) and the search goes on."""
+        while True:
+            record = self._pop_head(queues)
+            if record is None:
+                return None
+            rate = record.spec.rate_limit
+            if rate is None or self._take_token(record, rate, now):
+                return record
+
+    def _take_token(self, record: TaskRecord, rate: float, now: float) -> bool:
+        """A token bucket per task name, holding at most one second of runs."""
+        name = record.spec.name
+        tokens, last = self._buckets.get(name, (max(1.0, rate), now))
+        tokens = min(max(1.0, rate), tokens + (now - last) * rate)
+        if tokens >= 1.0:
+            self._buckets[name] = (tokens - 1.0, now)
+            return True
+        self._buckets[name] = (tokens, now)
+        self._leave_state(record)
+        self._delay(record, now + (1.0 - tokens) / rate)
+        self.counters["rate_limited"] += 1
+        return False
+
+    def _pop_head(self, queues: tuple[str, ...]) -> TaskRecord | None:
         best: tuple[float, int, str] | None = None
         best_heap: list[tuple[float, int, str]] | None = None
         for name in queues:
@@ -1032,6 +1059,7 @@ def _strip_payload(spec: TaskSpec) -> TaskSpec:
         spec.key,
         spec.retry_backoff_s,
         spec.retry_on,
+        spec.rate_limit,
     )
 
 
