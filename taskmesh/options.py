@@ -21,6 +21,7 @@ CALL_OPTIONS = frozenset(
         "_max_attempts",
         "_countdown",
         "_key",
+        "_rate_limit",
     }
 )
 
@@ -38,7 +39,9 @@ class TaskOptions:
     max_attempts: int = 3
     countdown: float = 0.0
     key: str | None = None
+    rate_limit: str | float | None = None  # "100/s", "30/m", "5/h", or runs per second
     retry_names: tuple[str, ...] = field(init=False, default=())
+    rate_per_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.queue, str) or not self.queue:
@@ -66,6 +69,7 @@ class TaskOptions:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise TypeError(f"retry_on takes exception classes, got {exc_type!r}")
         object.__setattr__(self, "retry_on", tuple(retry_on))
+        object.__setattr__(self, "rate_per_s", parse_rate(self.rate_limit))
         object.__setattr__(self, "retry_names", tuple(qualified_name(t) for t in retry_on))
 
     def merged(self, overrides: dict[str, Any]) -> TaskOptions:
@@ -76,6 +80,28 @@ class TaskOptions:
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
+
+
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(rate: str | float | None) -> float | None:
+    """``"100/s"``, ``"30/m"``, ``"5/h"`` or a number of runs per second; None for no limit."""
+    if rate is None:
+        return None
+    if isinstance(rate, int | float) and not isinstance(rate, bool):
+        per_s = float(rate)
+    elif isinstance(rate, str) and rate.count("/") == 1:
+        count, unit = rate.split("/")
+        try:
+            per_s = float(count) / _PER[unit.strip()]
+        except (ValueError, KeyError):
+            raise ValueError(f"rate_limit {rate!r}: expected N/s, N/m or N/h") from None
+    else:
+        raise ValueError(f"rate_limit {rate!r}: expected N/s, N/m or N/h, or runs per second")
+    if not per_s > 0:
+        raise ValueError(f"rate_limit must be positive, got {rate!r}")
+    return per_s
 
 
 DEFAULT_OPTIONS = TaskOptions()

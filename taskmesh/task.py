@@ -139,6 +139,7 @@ def task(
     retry_backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
+    rate_limit: str | float | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -153,12 +154,14 @@ def task(
     retry_backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
+    rate_limit: str | float | None = None,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make a function a taskmesh task: ``@task`` or ``@task(queue="cpu", retries=2, ...)``.
 
     ``retries`` re-runs a task that raised (``retry_on`` limits which exceptions count) after
     ``retry_backoff * 2**n`` seconds with jitter, scheduled by the broker; ``max_attempts``
-    bounds the runs lost to dead workers or executors.
+    bounds the runs lost to dead workers or executors; ``rate_limit`` ("100/s", "30/m") caps
+    how often the broker starts this task, across all workers.
     """
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
@@ -170,6 +173,7 @@ def task(
         retry_backoff=retry_backoff,
         retry_on=tuple(retry_on),
         max_attempts=max_attempts,
+        rate_limit=rate_limit,
     )
     if fn is not None:
         return Task(fn, options)
