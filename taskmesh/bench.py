@@ -400,6 +400,7 @@ class BenchConfig:
     scale_pending: int = 1_000_000
     scale_workers: tuple[int, ...] = (1, 8, 64)
     scale_tasks: int = 20_000
+    curve: bool = False  # the embedded mesh over CurveZMQ, with throwaway keys
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -415,6 +416,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
                 concurrency=config.concurrency,
                 journal=config.journal,
                 log_level="WARNING",
+                curve=config.curve,
             )
             if config.journal != ":memory:" and mesh.workdir:
                 mesh.journal = str(mesh.workdir / "bench.db")
@@ -423,7 +425,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         else:
             url = config.broker
         startup_s = time.perf_counter() - started
-        with Client(url) as client, ProcessPoolExecutor(slots) as pool:
+        # a secured embedded mesh hands its producer key to the client; against --broker
+        # the client takes TASKMESH_CURVE_SECRET and TASKMESH_BROKER_KEY
+        with mesh.client() if mesh else Client(url) as client, ProcessPoolExecutor(slots) as pool:
             first = time.perf_counter()
             client.submit(noop, 0).result(timeout=60)
             pool.submit(noop, 0).result(timeout=60)

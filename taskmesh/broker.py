@@ -5,6 +5,10 @@ scheduler, runs the periodic tick when it is due, and then sends everything the 
 batched. A malformed message is logged and answered with an ``Error`` where the peer can be
 addressed; nothing a peer sends can stop the loop. Payloads are opaque bytes: the broker never
 unpickles them, so it never runs user code.
+
+With ``curve_secret`` the socket is a CurveZMQ server: the same loop answers the ZAP requests
+(``security.ZapHandler``), and every message is checked against its key's roles before the
+scheduler sees it (``_refusal``); see docs/security.md.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
 from taskmesh.journal import Journal, JournalBatch, MemoryJournal, open_journal
 from taskmesh.scheduler import Scheduler, SchedulerConfig, Send
+from taskmesh.security import (
+    KEY_PROPERTY,
+    KeyRing,
+    Role,
+    ZapHandler,
+    load_secret_key,
+    make_server,
+    may_send,
+    parse_roles,
+    roles_text,
+)
 from taskmesh.transport import check_endpoint
 
 log = logging.getLogger(__name__)
@@ -53,13 +68,16 @@ class Broker:
 
     def __init__(self, config: BrokerConfig) -> None:
         check_endpoint(config.bind, what="bind address")
-        if not is_loopback(config.bind) and not config.insecure:
+        if not is_loopback(config.bind) and not config.insecure and not config.curve_secret:
             raise TaskmeshError(
                 f"refusing to bind {config.bind} without keys: anyone who can reach it could run "
-                "code on every worker. Bind a loopback address, or pass --insecure on a trusted "
-                "network."
+                "code on every worker. Bind a loopback address, set up keys (--curve-secret with "
+                "--producers and --workers; see docs/security.md), or pass --insecure on a "
+                "trusted network."
             )
         self.config = config
+        self.keyring = _keyring(config)  # None: plain text
+        server_keys = load_secret_key(config.curve_secret) if config.curve_secret else None
         self.broker_id = uuid.uuid4().hex[:12]
         hb = config.heartbeat
         try:
@@ -91,6 +109,14 @@ class Broker:
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        self._zap: ZapHandler | None = None
+        if self.keyring is not None and server_keys is not None:
+            # the handler first: a CURVE socket bound with no ZAP handler lets everyone in
+            self._zap = ZapHandler(self._ctx, self.keyring)
+            make_server(self._sock, *server_keys)
+        self._forbidden_logged: set[bytes] = set()  # peers whose refusal is logged
+        self._reload_keys = False
+        self._keys_checked = 0.0
         bind = config.bind
         if bind.startswith("tcp://") and bind.endswith(":0"):
             bind = bind[:-2] + ":*"
@@ -98,6 +124,8 @@ class Broker:
             self._sock.bind(bind)
         except zmq.ZMQError as exc:
             self._sock.close(0)
+            if self._zap is not None:
+                self._zap.close()
             self._ctx.term()
             self.journal.close()
             raise TaskmeshError(f"cannot bind {config.bind}: {exc}") from None
@@ -124,6 +152,8 @@ class Broker:
             old_wakeup = signal.set_wakeup_fd(self._wake_w)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, lambda s, f: self.stop())
+            if self.keyring is not None:
+                old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.config.port_file:
             _write_atomically(self.config.port_file, self.endpoint + "\n")
         log.info(
@@ -132,6 +162,11 @@ class Broker:
             self.endpoint,
             self.config.journal,
         )
+        if self.keyring is not None:
+            log.info(
+                "CurveZMQ on: peers must hold a key from %s",
+                ", ".join(f"{r.value}s {d}" for r, d in self.keyring.folders.items()),
+            )
         if not isinstance(self.journal, MemoryJournal):
             self._writer = JournalWriter(self.journal, self._wake_w)
         try:
@@ -146,6 +181,8 @@ class Broker:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
             self._sock.close(0)
+            if self._zap is not None:
+                self._zap.close()
             self._ctx.term()
             self.journal.close()
             os.close(self._wake_r)
@@ -158,6 +195,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap.socket, zmq.POLLIN)
         next_tick = time.monotonic() + interval
         while not self._stopping:
             now = time.monotonic()
@@ -172,6 +211,8 @@ class Broker:
                 except BlockingIOError:
                     pass
             now = time.monotonic()
+            if self._zap is not None:
+                self._serve_keys(events, now)
             sends: list[Send] = []
             if self._sock in events:
                 for _ in range(_DRAIN):
@@ -227,12 +268,73 @@ class Broker:
         if not p.allowed(signature, msg):
             log.warning("dropped a %s message sent as %r", msg.KIND.name, signature)
             return [Send(address, signature, p.Error("protocol", f"{msg.KIND.name} not allowed"))]
+        if self.keyring is not None:
+            refusal = self._refusal(frames[1], signature, msg.KIND)
+            if refusal is not None:
+                return [self._forbid(address, frames[1], signature, msg, refusal)]
         try:
             return self.scheduler.handle(address, signature, msg, now)
         except Exception:
             # a scheduler bug must not take the mesh down: log it loudly and go on
             log.exception("broker failed to handle a %s message", msg.KIND.name)
             return [Send(address, signature, p.Error("internal", "the broker failed to handle it"))]
+
+    # ------------------------------------------------------------------ keys and roles
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self._reload_keys = True
+        try:
+            os.write(self._wake_w, b"h")
+        except OSError:
+            pass
+
+    def _serve_keys(self, events: dict[Any, int], now: float) -> None:
+        """Answer handshakes; re-read the key folders on SIGHUP, and once per heartbeat
+        interval if they changed (a handshake re-reads them too)."""
+        assert self._zap is not None and self.keyring is not None
+        if self._reload_keys:
+            self._reload_keys = False
+            log.info("SIGHUP: reloading the allowed keys")
+            self.keyring.refresh(force=True)
+            self._keys_checked = now
+        elif now - self._keys_checked >= self.config.heartbeat.interval_s:
+            self.keyring.refresh()
+            self._keys_checked = now
+        if self._zap.socket in events:
+            self._zap.handle()
+
+    def _refusal(self, frame: Any, signature: bytes, kind: p.Kind) -> str | None:
+        """Why this peer may not send ``kind``, or ``None``. The roles are those its key had
+        at the handshake (User-Id) and still has now (a removed key loses them at once), never
+        what the message's signature claims."""
+        assert self.keyring is not None
+        try:
+            granted = parse_roles(frame.get("User-Id"))
+            key: str = frame.get(KEY_PROPERTY)
+        except zmq.ZMQError:
+            return "the connection carries no authenticated key"
+        roles = granted & self.keyring.roles_of(key.encode())
+        if not roles:
+            return "the key is no longer allowed"
+        if not may_send(roles, signature, kind):
+            claimed = "worker" if signature == p.WORKER else "producer"
+            return f"a {roles_text(roles)} key may not send {kind.name} as a {claimed}"
+        return None
+
+    def _forbid(
+        self, address: bytes, frame: Any, signature: bytes, msg: p.Message, reason: str
+    ) -> Send:
+        if address not in self._forbidden_logged:  # once per connection: no log floods
+            if len(self._forbidden_logged) > 10_000:
+                self._forbidden_logged.clear()
+            self._forbidden_logged.add(address)
+            try:
+                peer = f"{frame.get('Peer-Address')} with key {frame.get(KEY_PROPERTY)}"
+            except zmq.ZMQError:
+                peer = "a peer"
+            log.warning("refused %s from %s: %s", msg.KIND.name, peer, reason)
+        task_ids = [t.task_id for t in msg.tasks] if isinstance(msg, p.Submit) else []
+        return Send(address, signature, p.Error("forbidden", reason, task_ids))
 
     def _send(self, send: Send) -> None:
         msg = send.message
@@ -311,6 +413,25 @@ class JournalWriter:
                 os.write(self._wake_fd, b"j")
             except OSError:
                 pass
+
+
+def _keyring(config: BrokerConfig) -> KeyRing | None:
+    folders = {
+        role: folder
+        for role, folder in (
+            (Role.PRODUCER, config.producers),
+            (Role.WORKER, config.workers),
+            (Role.READER, config.readers),
+        )
+        if folder
+    }
+    if not config.curve_secret:
+        if folders:
+            raise TaskmeshError("key folders need --curve-secret, the broker's own secret key")
+        return None
+    if not folders:
+        raise TaskmeshError("--curve-secret needs allowed keys: --producers DIR and --workers DIR")
+    return KeyRing(folders)
 
 
 def _in_main_thread() -> bool:

@@ -56,6 +56,20 @@ BrokerUrl = Annotated[
     str,
     typer.Option("--broker", envvar="TASKMESH_BROKER", help="Broker address, tcp://HOST:PORT."),
 ]
+CurveSecret = Annotated[
+    str | None,
+    typer.Option(
+        "--curve-secret",
+        envvar="TASKMESH_CURVE_SECRET",
+        help="This peer's NAME.key_secret (taskmesh keys generate): turns on CurveZMQ.",
+    ),
+]
+BrokerKey = Annotated[
+    str | None,
+    typer.Option(
+        "--broker-key", envvar="TASKMESH_BROKER_KEY", help="The broker's public key file."
+    ),
+]
 
 
 def _setup_logging(level: str) -> None:
@@ -127,9 +141,41 @@ def broker(
             "--port-file", envvar="TASKMESH_PORT_FILE", help="Write the bound address to this file."
         ),
     ] = None,
+    curve_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--curve-secret",
+            envvar="TASKMESH_CURVE_SECRET",
+            help="The broker's NAME.key_secret: CurveZMQ encryption and key authentication.",
+        ),
+    ] = None,
+    producers: Annotated[
+        str | None,
+        typer.Option(
+            "--producers",
+            envvar="TASKMESH_PRODUCER_KEYS",
+            help="Folder of public keys (*.key) allowed to submit, cancel and read status.",
+        ),
+    ] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            "--workers",
+            envvar="TASKMESH_WORKER_KEYS",
+            help="Folder of public keys (*.key) allowed to run tasks.",
+        ),
+    ] = None,
+    readers: Annotated[
+        str | None,
+        typer.Option(
+            "--readers",
+            envvar="TASKMESH_READER_KEYS",
+            help="Folder of public keys (*.key) allowed to read status only.",
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run the broker."""
+    """Run the broker. Key folders are re-read when they change and on SIGHUP."""
     from taskmesh.broker import Broker, is_loopback
 
     _setup_logging(log_level)
@@ -143,14 +189,19 @@ def broker(
             max_message_bytes=max_message_bytes,
             insecure=insecure,
             port_file=port_file,
+            curve_secret=curve_secret,
+            producers=producers,
+            workers=workers,
+            readers=readers,
         )
         server = Broker(config)
     except (TaskmeshError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    if not is_loopback(bind):
+    if not is_loopback(bind) and not curve_secret:
         logging.getLogger("taskmesh").warning(
-            "INSECURE: %s accepts unauthenticated peers; anyone who reaches it can run code "
-            "on every worker",
+            "INSECURE: %s accepts unauthenticated, unencrypted peers: anyone who reaches it can "
+            "submit tasks, which run as code on every worker, and can read every argument and "
+            "result on the wire. Use --curve-secret with --producers and --workers instead.",
             bind,
         )
     server.run()
@@ -188,6 +239,8 @@ def worker(
     ] = 0,
     heartbeat_interval: HbInterval = 1.0,
     heartbeat_liveness: HbLiveness = 3,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a worker node: a supervisor and N executor processes."""
@@ -205,6 +258,8 @@ def worker(
             name=name or default_worker_name(),
             heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
             prefetch=prefetch,
+            curve_secret=curve_secret,
+            broker_key=broker_key,
         )
         node = WorkerNode(config)
         node.run()
@@ -225,13 +280,15 @@ def status(
             help="Seconds to wait for the broker.",
         ),
     ] = 3.0,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
 ) -> None:
     """Print one snapshot of workers, queues and counters; exit 1 if no broker answers."""
     from taskmesh.client import fetch_status
     from taskmesh.status import print_status
 
     try:
-        snapshot = fetch_status(broker, timeout)
+        snapshot = fetch_status(broker, timeout, curve_secret=curve_secret, broker_key=broker_key)
     except TaskmeshError as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -250,13 +307,15 @@ def failed(
             "--timeout", envvar="TASKMESH_STATUS_TIMEOUT", min=0.1, help="Seconds to wait."
         ),
     ] = 3.0,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
 ) -> None:
     """List the last tasks that failed for good, with their exception type and worker."""
     from taskmesh.client import fetch_status
     from taskmesh.status import print_failures
 
     try:
-        snapshot = fetch_status(broker, timeout)
+        snapshot = fetch_status(broker, timeout, curve_secret=curve_secret, broker_key=broker_key)
     except TaskmeshError as exc:
         raise _fail(str(exc)) from None
     failures = snapshot.get("recent_failures", [])
@@ -278,11 +337,14 @@ def dashboard(
             help="Seconds between status snapshots.",
         ),
     ] = 0.5,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
 ) -> None:
     """Live view of workers, queues, throughput and failures; q or Ctrl-C quits."""
     from taskmesh.dashboard import run_dashboard
 
     try:
+        _use_keys(curve_secret, broker_key)
         run_dashboard(broker, refresh_s=refresh)
     except (TaskmeshError, ValueError) as exc:
         raise _fail(str(exc)) from None
@@ -330,6 +392,9 @@ def bench(
     scale_pending: Annotated[
         int, typer.Option("--scale-pending", min=1000, help="Tasks queued for the memory figure.")
     ] = 1_000_000,
+    curve: Annotated[
+        bool, typer.Option("--curve", help="Embedded mesh over CurveZMQ, with throwaway keys.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """The built-in benchmark, each figure beside a baseline measured in the same run."""
@@ -346,6 +411,7 @@ def bench(
         repeat=repeat,
         payload_mb=payload_mb,
         scale_pending=scale_pending,
+        curve=curve,
     )
     say = (lambda _msg: None) if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
@@ -356,6 +422,56 @@ def bench(
         typer.echo(json.dumps(report, indent=2))
     else:
         print_bench(report)
+
+
+def _use_keys(curve_secret: str | None, broker_key: str | None) -> None:
+    """Check a reader's keys now, and hand them to every ``fetch_status`` of this process
+    (which reads TASKMESH_CURVE_SECRET and TASKMESH_BROKER_KEY when given no keys)."""
+    from taskmesh.security import client_keys
+
+    client_keys(curve_secret, broker_key)  # a missing or malformed file fails here, not later
+    if curve_secret:
+        os.environ["TASKMESH_CURVE_SECRET"] = curve_secret
+    if broker_key:
+        os.environ["TASKMESH_BROKER_KEY"] = broker_key
+
+
+# ----------------------------------------------------------------------------- taskmesh keys
+
+keys_app = typer.Typer(
+    help="CurveZMQ key pairs for a broker, producer, worker or reader (see docs/security.md).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: Annotated[str, typer.Option("--name", help="Key name: NAME.key and NAME.key_secret.")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write them into.")] = ".",
+) -> None:
+    """Make a key pair: NAME.key (public, to share) and NAME.key_secret (mode 0600, to keep)."""
+    from taskmesh.security import generate_keypair, load_public_key
+
+    try:
+        files = generate_keypair(name, out)
+    except (TaskmeshError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"public key  {files.public}  {load_public_key(files.public).decode()}")
+    typer.echo(f"secret key  {files.secret}  (mode 0600)")
+
+
+@keys_app.command("show")
+def keys_show(
+    file: Annotated[str, typer.Argument(help="A NAME.key or NAME.key_secret file.")],
+) -> None:
+    """Print the public key (z85) in a key file; never the secret."""
+    from taskmesh.security import load_public_key
+
+    try:
+        typer.echo(load_public_key(file).decode())
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
 
 
 def main() -> None:

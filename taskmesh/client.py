@@ -11,6 +11,9 @@ Delivery rules kept here:
   fails its future with ``BrokerUnavailable``.
 - After a reconnect the client asks (``Watch``) for the outcome of every acknowledged,
   unresolved future. Futures resolve once: later copies of an outcome are ignored.
+- A broker that refuses this client's key (at the handshake, or ``forbidden`` later) fails
+  every unresolved future with ``AuthenticationError`` and forgets its tasks: nothing is resent
+  if the key is accepted later, so a failed future never runs after all.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from typing import Any, TypeVar
 import zmq
 
 from taskmesh import protocol as p
-from taskmesh.config import ClientConfig, HeartbeatConfig, default_broker
-from taskmesh.errors import BrokerUnavailable, ProtocolError, TaskmeshError
+from taskmesh.config import (
+    ClientConfig,
+    HeartbeatConfig,
+    default_broker,
+    default_broker_key,
+    default_curve_secret,
+)
+from taskmesh.errors import AuthenticationError, BrokerUnavailable, ProtocolError, TaskmeshError
 from taskmesh.options import DEFAULT_OPTIONS, TaskOptions, split_call_options
+from taskmesh.security import client_keys
 from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
-from taskmesh.transport import check_endpoint, dealer
+from taskmesh.transport import check_endpoint, watched_dealer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +92,12 @@ class Client(Executor):
         connect_timeout_s: float | None = None,
         name: str = "",
         config: ClientConfig | None = None,
+        curve_secret: str | None = None,
+        broker_key: str | None = None,
     ) -> None:
+        """``curve_secret`` (this producer's NAME.key_secret) and ``broker_key`` (the broker's
+        public key file) turn on CurveZMQ; they default to TASKMESH_CURVE_SECRET and
+        TASKMESH_BROKER_KEY."""
         base = config or ClientConfig()
         url = broker or base.broker or default_broker()
         check_endpoint(url)
@@ -93,7 +108,10 @@ class Client(Executor):
             else connect_timeout_s,
             heartbeat=base.heartbeat,
             name=name or base.name,
+            curve_secret=curve_secret or base.curve_secret,
+            broker_key=broker_key or base.broker_key,
         )
+        self._curve = client_keys(self.config.curve_secret, self.config.broker_key)
         self.client_id = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
         self._futures: dict[str, TaskFuture[Any]] = {}
@@ -107,7 +125,10 @@ class Client(Executor):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._sock = dealer(self._ctx, url)  # raises BrokerUnavailable for a bad address
+        # raises BrokerUnavailable for a bad address
+        self._sock, self._watch = watched_dealer(self._ctx, url, curve=self._curve)
+        self._refused: str | None = None  # why the broker refused our key, until a Welcome
+        self._sock_refused = False  # this socket's handshake was refused: it is dead
         self._connected = False
         self._hello_at: float | None = None  # a Hello sent, its Welcome not yet seen
         self._broker_seen = time.monotonic()
@@ -221,7 +242,12 @@ class Client(Executor):
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """One status snapshot from the broker."""
-        return fetch_status(self.config.broker, timeout_s)
+        return fetch_status(
+            self.config.broker,
+            timeout_s,
+            curve_secret=self.config.curve_secret,
+            broker_key=self.config.broker_key,
+        )
 
     # ------------------------------------------------------------------ I/O thread side
 
@@ -243,20 +269,27 @@ class Client(Executor):
             poller = zmq.Poller()
             poller.register(self._sock, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
+            poller.register(self._watch.socket, zmq.POLLIN)
             interval = self.config.heartbeat.interval_s
             last_sent = time.monotonic()
             while not self._closed:
                 events = dict(poller.poll(int(interval * 1000)))
                 now = time.monotonic()
                 if self._wake_r in events:
-                    self._wake_flag = False
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
                     except BlockingIOError:
                         pass
+                    # only after draining: a wake-up written in between would be drained with
+                    # the flag left set, and every later submit would wait out a poll timeout
+                    self._wake_flag = False
+                if self._watch.socket in events:
+                    self._check_handshake()
                 if self._sock in events:
                     self._receive(now)
+                if self._sock_refused and self._refused and self._outgoing:
+                    self._refuse(self._refused)  # submitted after the refusal: fail them too
                 if self._send_outgoing(now):
                     last_sent = now
                 if now - self._broker_seen > self.config.heartbeat.timeout_s:
@@ -277,6 +310,7 @@ class Client(Executor):
             log.exception("taskmesh client I/O thread failed")
             self._fail_all(TaskmeshError("the taskmesh client I/O thread failed; see the log"))
         finally:
+            self._watch.close()
             self._sock.close(linger=0)
             self._ctx.term()
 
@@ -285,7 +319,26 @@ class Client(Executor):
         self._hello_at = time.monotonic()
 
     def _send(self, msg: p.Message) -> None:
-        self._sock.send_multipart(p.encode(p.PRODUCER, msg), copy=False)
+        try:
+            self._sock.send_multipart(p.encode(p.PRODUCER, msg), copy=False)
+        except zmq.Again:
+            pass  # the handshake was refused and the connection is gone: see _check_handshake
+
+    def _check_handshake(self) -> None:
+        refusal = self._watch.refusal()
+        if refusal is not None:
+            self._sock_refused = True
+            self._refuse(refusal)
+
+    def _refuse(self, reason: str) -> None:
+        """The broker will not serve this key: fail everything unresolved, resend nothing."""
+        if self._refused != reason:
+            log.error("broker %s: %s", self.broker, reason)
+        self._refused = reason
+        with self._lock:
+            self._outgoing.clear()
+        self._unacked.clear()
+        self._fail_all(AuthenticationError(f"{reason} (broker {self.broker})"))
 
     def _send_outgoing(self, now: float) -> bool:
         sent = False
@@ -318,7 +371,8 @@ class Client(Executor):
             if signature != p.PRODUCER:
                 log.warning("dropped a %s message with a worker signature", msg.KIND.name)
                 continue
-            self._broker_seen = now
+            if not (isinstance(msg, p.Error) and msg.code == "forbidden" and not msg.task_ids):
+                self._broker_seen = now  # a refusal is no live link: reconnect, new handshake
             self._on_message(msg, now)
 
     def _on_message(self, msg: p.Message, now: float) -> None:
@@ -331,6 +385,7 @@ class Client(Executor):
             if not self._connected:
                 log.debug("connected to broker %s at %s", msg.broker_id, self.broker)
             self._connected = True
+            self._refused = None
             self._hello_at = None
             self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Reconnect):
@@ -338,9 +393,15 @@ class Client(Executor):
             pending = self._hello_at
             if pending is None or now - pending > self.config.heartbeat.timeout_s:
                 self._resync()
+        elif isinstance(msg, p.Error) and msg.code == "forbidden" and not msg.task_ids:
+            self._refuse(f"the broker refused this key: {msg.message}")
         elif isinstance(msg, p.Error):
             log.error("broker refused a message: %s: %s", msg.code, msg.message)
-            error = ProtocolError(f"the broker refused task(s): {msg.code}: {msg.message}")
+            error: TaskmeshError = ProtocolError(
+                f"the broker refused task(s): {msg.code}: {msg.message}"
+            )
+            if msg.code == "forbidden":
+                error = AuthenticationError(f"the broker refused this key: {msg.message}")
             for task_id in msg.task_ids:
                 self._unacked.pop(task_id, None)
                 self._settle_id(task_id, False, error)
@@ -388,10 +449,17 @@ class Client(Executor):
             self._send(p.Watch(watched[i : i + 10_000]))
 
     def _reconnect(self, poller: zmq.Poller, now: float) -> None:
+        self._check_handshake()  # the old socket's last word, before it goes
+        hint = self._watch.hint
         poller.unregister(self._sock)
+        poller.unregister(self._watch.socket)
+        self._watch.close()
         self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.broker)
+        self._sock, self._watch = watched_dealer(self._ctx, self.broker, curve=self._curve)
+        self._watch.hint = hint  # until a handshake succeeds
+        self._sock_refused = False
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._watch.socket, zmq.POLLIN)
         self._connected = False
         # wait a full liveness period for an answer before trying again
         self._broker_seen = now
@@ -404,10 +472,12 @@ class Client(Executor):
         expired = [t for t, (sent, _) in self._unacked.items() if now - sent > limit]
         if not expired:
             return
-        error = BrokerUnavailable(
-            f"no broker acknowledged the task within {limit:g}s at {self.broker}: is "
-            "`taskmesh broker` running there and reachable?"
+        error: TaskmeshError = BrokerUnavailable(
+            f"no broker acknowledged the task within {limit:g}s at {self.broker}: "
+            + _check_hint(self._watch.hint, self._curve is not None)
         )
+        if self._refused:
+            error = AuthenticationError(f"{self._refused} (broker {self.broker})")
         for task_id in expired:
             del self._unacked[task_id]
             self._settle_id(task_id, False, error)
@@ -430,25 +500,56 @@ def _settle(future: Future[Any], ok: bool, value: Any) -> None:
         pass  # cancelled locally in the meantime
 
 
-def fetch_status(broker: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Ask a broker for one status snapshot; ``BrokerUnavailable`` if none answers in time."""
+def _check_hint(hint: str, curve: bool) -> str:
+    if hint:
+        return hint
+    if curve:
+        return "is `taskmesh broker` running there and reachable, and does it accept this key?"
+    return "is `taskmesh broker` running there and reachable?"
+
+
+def fetch_status(
+    broker: str,
+    timeout_s: float = 5.0,
+    *,
+    curve_secret: str | None = None,
+    broker_key: str | None = None,
+) -> dict[str, Any]:
+    """Ask a broker for one status snapshot; ``BrokerUnavailable`` if none answers in time,
+    ``AuthenticationError`` if it refuses the key. Keys default to TASKMESH_CURVE_SECRET and
+    TASKMESH_BROKER_KEY."""
+    curve = client_keys(curve_secret or default_curve_secret(), broker_key or default_broker_key())
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        sock = dealer(ctx, broker)
+        sock, watch = watched_dealer(ctx, broker, curve=curve)
         try:
             sock.send_multipart(p.encode(p.PRODUCER, p.StatusRequest()))
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(watch.socket, zmq.POLLIN)
             deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
-                    raise BrokerUnavailable(f"no broker answered at {broker} within {timeout_s:g}s")
+                events = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+                if watch.socket in events and (refusal := watch.refusal()):
+                    raise AuthenticationError(f"{refusal} (broker {broker})")
+                if not events:
+                    raise BrokerUnavailable(
+                        f"no broker answered at {broker} within {timeout_s:g}s: "
+                        + _check_hint(watch.hint, curve is not None)
+                    )
+                if sock not in events:
+                    continue
                 try:
                     _, msg = p.decode(sock.recv_multipart())
                 except ProtocolError:
                     continue
                 if isinstance(msg, p.StatusReply):
                     return msg.snapshot
+                if isinstance(msg, p.Error) and msg.code == "forbidden":
+                    raise AuthenticationError(f"the broker refused this key: {msg.message}")
         finally:
+            watch.close()
             sock.close(linger=0)
     finally:
         ctx.term()
@@ -460,10 +561,22 @@ _default: Client | None = None
 _default_lock = threading.Lock()
 
 
-def connect(broker: str | None = None, *, connect_timeout_s: float | None = None) -> Client:
-    """Set (and return) the client that ``Task.submit`` and ``Task.map`` use."""
+def connect(
+    broker: str | None = None,
+    *,
+    connect_timeout_s: float | None = None,
+    curve_secret: str | None = None,
+    broker_key: str | None = None,
+) -> Client:
+    """Set (and return) the client that ``Task.submit`` and ``Task.map`` use; with
+    ``curve_secret`` and ``broker_key`` (files, see ``taskmesh keys``) over CurveZMQ."""
     global _default
-    client = Client(broker or default_broker(), connect_timeout_s=connect_timeout_s)
+    client = Client(
+        broker or default_broker(),
+        connect_timeout_s=connect_timeout_s,
+        curve_secret=curve_secret,
+        broker_key=broker_key,
+    )
     with _default_lock:
         old, _default = _default, client
     if old is not None:

@@ -19,6 +19,16 @@ def default_broker() -> str:
     return os.environ.get("TASKMESH_BROKER") or DEFAULT_BROKER
 
 
+def default_curve_secret() -> str | None:
+    """This peer's CurveZMQ secret key file: TASKMESH_CURVE_SECRET, else none (plain text)."""
+    return os.environ.get("TASKMESH_CURVE_SECRET") or None
+
+
+def default_broker_key() -> str | None:
+    """The broker's CurveZMQ public key file: TASKMESH_BROKER_KEY, else none."""
+    return os.environ.get("TASKMESH_BROKER_KEY") or None
+
+
 def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -49,6 +59,10 @@ class BrokerConfig:
     max_message_bytes: int = 1 << 30
     insecure: bool = False
     port_file: str | None = None  # where to write the bound endpoint (for --bind ...:0)
+    curve_secret: str | None = None  # the broker's NAME.key_secret: turns CurveZMQ on
+    producers: str | None = None  # folders of allowed public keys (*.key), one per role
+    workers: str | None = None
+    readers: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +75,8 @@ class WorkerConfig:
     prefetch: int = 0
     reconnect_max_s: float = 10.0
     max_message_bytes: int = 1 << 30
+    curve_secret: str | None = field(default_factory=default_curve_secret)
+    broker_key: str | None = field(default_factory=default_broker_key)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -77,3 +93,5 @@ class ClientConfig:
     connect_timeout_s: float = 10.0  # unacknowledged submits fail after this long without a broker
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     name: str = ""
+    curve_secret: str | None = field(default_factory=default_curve_secret)
+    broker_key: str | None = field(default_factory=default_broker_key)

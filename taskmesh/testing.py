@@ -9,6 +9,7 @@ processes on a free port, each in its own process group so that ending it ends i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 from taskmesh.client import Client, fetch_status
 from taskmesh.errors import BrokerUnavailable, TaskmeshError
+from taskmesh.security import KeyFiles, Role, generate_keypair
 
 
 class ManagedProcess:
@@ -95,8 +97,57 @@ def wait_until(
         time.sleep(every)
 
 
+class MeshKeys:
+    """Throwaway CurveZMQ keys for a secured mesh, all under ``folder``: every key pair in
+    ``secret/``, and the broker's folders of allowed public keys, one per role. It starts with
+    ``broker``, and one ``producer``, ``worker`` and ``reader`` key, each allowed in its role."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.secrets = folder / "secret"
+        self.folders = {role: folder / f"{role.value}s" for role in Role}
+        for path in (self.secrets, *self.folders.values()):
+            path.mkdir(parents=True, exist_ok=True)
+        self.broker = generate_keypair("broker", self.secrets)
+        self.producer = self.add("producer", Role.PRODUCER)
+        self.worker = self.add("worker", Role.WORKER)
+        self.reader = self.add("reader", Role.READER)
+
+    def add(self, name: str, *roles: Role) -> KeyFiles:
+        """A new key pair, allowed in ``roles`` (none: a key the broker does not know)."""
+        files = generate_keypair(name, self.secrets)
+        for role in roles:
+            self.allow(files, role)
+        return files
+
+    def allow(self, files: KeyFiles, role: Role) -> None:
+        target = self.folders[role] / files.public.name
+        tmp = target.with_name(f".{target.name}.tmp")  # not *.key: the broker never half-reads
+        shutil.copyfile(files.public, tmp)
+        os.replace(tmp, target)
+
+    def revoke(self, files: KeyFiles, role: Role) -> None:
+        (self.folders[role] / files.public.name).unlink(missing_ok=True)
+
+    def broker_args(self) -> list[str]:
+        args = ["--curve-secret", str(self.broker.secret)]
+        for role, folder in self.folders.items():
+            args += [f"--{role.value}s", str(folder)]
+        return args
+
+    def peer_args(self, files: KeyFiles) -> list[str]:
+        return ["--curve-secret", str(files.secret), "--broker-key", str(self.broker.public)]
+
+    def client_kwargs(self, files: KeyFiles) -> dict[str, str]:
+        """``Client``/``fetch_status`` keyword arguments for a peer holding ``files``."""
+        return {"curve_secret": str(files.secret), "broker_key": str(self.broker.public)}
+
+
 class Mesh:
-    """A broker and worker nodes on a free loopback port, as real ``taskmesh`` processes."""
+    """A broker and worker nodes on a free loopback port, as real ``taskmesh`` processes.
+
+    ``curve=True`` secures it with CurveZMQ and throwaway keys (``mesh.keys``, a ``MeshKeys``):
+    workers use the worker key, ``client()`` and ``status()`` the producer key."""
 
     def __init__(
         self,
@@ -112,6 +163,7 @@ class Mesh:
         env: dict[str, str] | None = None,
         start_timeout_s: float = 30.0,
         broker_args: Sequence[str] = (),
+        curve: bool = False,
     ) -> None:
         self.n_workers = workers
         self.concurrency = concurrency
@@ -128,6 +180,9 @@ class Mesh:
         self.workdir = Path(workdir)
         self.env = {**os.environ, **(env or {})}
         self.env.pop("TASKMESH_BROKER", None)
+        for name in ("CURVE_SECRET", "BROKER_KEY", "PRODUCER_KEYS", "WORKER_KEYS", "READER_KEYS"):
+            self.env.pop(f"TASKMESH_{name}", None)  # the mesh's own keys, or none
+        self.keys = MeshKeys(self.workdir / "keys") if curve else None
         self.broker: ManagedProcess | None = None
         self.old_brokers: list[ManagedProcess] = []  # replaced by start_broker, kept for logs
         self.workers: list[ManagedProcess] = []
@@ -165,6 +220,7 @@ class Mesh:
             "--log-level",
             self.log_level,
             *self._hb_args(),
+            *(self.keys.broker_args() if self.keys else ()),
             *self.broker_args,
         ]
         self._count += 1
@@ -190,7 +246,9 @@ class Mesh:
         concurrency: int | None = None,
         queues: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
+        key: KeyFiles | None = None,
     ) -> ManagedProcess:
+        """Start a worker node; on a CURVE mesh it holds ``key`` (default: the worker key)."""
         self._count += 1
         name = name or f"worker-{len(self.workers) + 1}"
         argv = [
@@ -209,6 +267,7 @@ class Mesh:
             "--log-level",
             self.log_level,
             *self._hb_args(),
+            *(self.keys.peer_args(key or self.keys.worker) if self.keys else ()),
             *extra_args,
         ]
         proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", self.env)
@@ -227,7 +286,8 @@ class Mesh:
         return self
 
     def status(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        return fetch_status(self.url, timeout_s)
+        keys = self.keys.client_kwargs(self.keys.producer) if self.keys else {}
+        return fetch_status(self.url, timeout_s, **keys)
 
     def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         """Until the broker counts exactly ``n`` live workers."""
@@ -245,6 +305,8 @@ class Mesh:
             raise TaskmeshError(f"workers did not register:\n{logs}") from None
 
     def client(self, **kwargs: Any) -> Client:
+        if self.keys is not None:
+            kwargs = {**self.keys.client_kwargs(self.keys.producer), **kwargs}
         client = Client(self.url, **kwargs)
         self._clients.append(client)
         return client
@@ -276,4 +338,4 @@ class Mesh:
         self.stop()
 
 
-__all__ = ["ManagedProcess", "Mesh", "wait_until"]
+__all__ = ["ManagedProcess", "Mesh", "MeshKeys", "wait_until"]

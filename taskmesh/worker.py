@@ -32,7 +32,8 @@ from taskmesh import protocol as p
 from taskmesh.config import HeartbeatConfig, WorkerConfig
 from taskmesh.errors import ProtocolError
 from taskmesh.executor_pool import ExecutorPool
-from taskmesh.transport import dealer
+from taskmesh.security import client_keys
+from taskmesh.transport import HandshakeWatch, watched_dealer
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ class WorkerNode:
         self.config = config
         self.worker_id = uuid.uuid4().hex
         self.heartbeat = config.heartbeat
+        self._curve = client_keys(config.curve_secret, config.broker_key)
         self.pool = ExecutorPool(config.concurrency, config.name)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._unacked: dict[str, p.Outcome] = {}
         self._outstanding = 0  # credit granted to the broker and not yet used
         self._sock: zmq.Socket[Any] | None = None
+        self._watch: HandshakeWatch | None = None
         self._broker_seen = 0.0
         self._broker_alive = False
         self._last_sent = 0.0
@@ -110,6 +113,9 @@ class WorkerNode:
         self.pool.stop()
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -120,10 +126,15 @@ class WorkerNode:
     # ------------------------------------------------------------------ broker link
 
     def _connect(self, now: float) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(
-            self._ctx, self.config.broker, max_message_bytes=self.config.max_message_bytes
+        self._sock, self._watch = watched_dealer(
+            self._ctx,
+            self.config.broker,
+            max_message_bytes=self.config.max_message_bytes,
+            curve=self._curve,
         )
         self._broker_seen = now
         self._register()
@@ -153,6 +164,8 @@ class WorkerNode:
         assert self._sock is not None
         try:
             self._sock.send_multipart(p.encode(p.WORKER, msg), copy=False)
+        except zmq.Again:
+            pass  # the broker refused our handshake: _keepalive reports it and reconnects
         except zmq.ZMQError as exc:
             log.warning("send to broker failed: %s", exc)
         self._last_sent = time.monotonic()
@@ -165,6 +178,11 @@ class WorkerNode:
             return
         if signature != p.WORKER:
             log.warning("dropped a message with the wrong signature from the broker")
+            return
+        if isinstance(msg, p.Error) and msg.code == "forbidden":
+            # not a live link: stay "lost", so that we reconnect (a new handshake picks up a
+            # role granted meanwhile) with backoff
+            log.error("worker %s: the broker refused this key: %s", self.config.name, msg.message)
             return
         self._broker_seen = now
         if not self._broker_alive:
@@ -277,6 +295,10 @@ class WorkerNode:
 
     def _keepalive(self, now: float) -> None:
         hb = self.heartbeat
+        if self._watch is not None and not self._broker_alive:
+            refusal = self._watch.refusal()  # a refused worker keeps retrying: keys may change
+            if refusal:
+                log.error("worker %s: %s", self.config.name, refusal)
         if now - self._broker_seen > hb.timeout_s:
             if self._broker_alive:
                 log.warning(
