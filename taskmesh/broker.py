@@ -31,7 +31,9 @@ from taskmesh import protocol as p
 from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
 from taskmesh.journal import Journal, JournalBatch, MemoryJournal, open_journal
-from taskmesh.scheduler import Scheduler, SchedulerConfig, Send
+from taskmesh.metrics import BrokerCollector
+from taskmesh.metrics import serve as serve_metrics
+from taskmesh.scheduler import Route, Scheduler, SchedulerConfig, Send
 from taskmesh.security import (
     KEY_PROPERTY,
     KeyRing,
@@ -90,6 +92,8 @@ class Broker:
                 heartbeat_interval_s=hb.interval_s,
                 heartbeat_liveness=hb.liveness,
                 result_ttl_s=config.result_ttl_s,
+                max_message_bytes=config.max_message_bytes,
+                routes=parse_routes(config.routes),
             ),
             broker_id=self.broker_id,
             wall_offset=time.time() - time.monotonic(),
@@ -133,6 +137,16 @@ class Broker:
         self.started_at = time.monotonic()
         self._stopping = False
         self._writer: JournalWriter | None = None
+        self.failed = False  # the journal failed: the broker stopped rather than lie
+        self._metrics: BrokerCollector | None = None
+        if config.metrics_port is not None:
+            self._metrics = BrokerCollector()
+            try:
+                serve_metrics(self._metrics, config.metrics_port, config.metrics_host)
+            except OSError as exc:
+                raise TaskmeshError(
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
+                ) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -242,15 +256,26 @@ class Broker:
                 if self._writer.failed:
                     # nothing unpersisted may be acknowledged: stop rather than lie
                     log.critical("journal write failed; stopping the broker")
+                    self.failed = True
                     self._stopping = True
 
     def _tick(self, now: float) -> list[Send]:
-        before = set(self.scheduler.workers)
-        sends = self.scheduler.tick(now)
-        for worker_id in before - set(self.scheduler.workers):
+        sched = self.scheduler
+        before = {w.worker_id: w.name for w in sched.workers.values()}
+        sends = sched.tick(now)
+        for worker_id in before.keys() - sched.workers.keys():
             log.warning(
-                "worker %s declared dead (missed heartbeats); its tasks are requeued", worker_id
+                "worker %s declared dead (missed heartbeats); its tasks are requeued",
+                before[worker_id],
             )
+        if self._metrics is not None:
+            snapshot = sched.snapshot(now)
+            snapshot["broker"] = self._broker_info()
+            histograms = {"queue_wait": sched.queue_wait, "run": sched.run_time}
+            commit_time = getattr(self.journal, "commit_time", None)
+            if commit_time is not None:
+                histograms["journal_commit"] = commit_time
+            self._metrics.publish(snapshot, histograms)
         return sends
 
     def _on_frames(self, frames: list[Any], now: float) -> list[Send]:
@@ -336,15 +361,19 @@ class Broker:
         task_ids = [t.task_id for t in msg.tasks] if isinstance(msg, p.Submit) else []
         return Send(address, signature, p.Error("forbidden", reason, task_ids))
 
+    def _broker_info(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "journal": self.config.journal,
+            "journal_commits": getattr(self.journal, "commits", 0),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "wall_time": round(time.time(), 3),
+        }
+
     def _send(self, send: Send) -> None:
         msg = send.message
         if isinstance(msg, p.StatusReply):
-            msg.snapshot["broker"] = {
-                "endpoint": self.endpoint,
-                "journal": self.config.journal,
-                "journal_commits": getattr(self.journal, "commits", 0),
-                "uptime_s": round(time.monotonic() - self.started_at, 1),
-            }
+            msg.snapshot["broker"] = self._broker_info()
         try:
             self._sock.send_multipart([send.address, *p.encode(send.signature, msg)], copy=False)
         except zmq.ZMQError as exc:
@@ -432,6 +461,20 @@ def _keyring(config: BrokerConfig) -> KeyRing | None:
     if not folders:
         raise TaskmeshError("--curve-secret needs allowed keys: --producers DIR and --workers DIR")
     return KeyRing(folders)
+
+
+def parse_routes(routes: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Route], ...]:
+    """Check ``(queue, strategy)`` pairs; an unknown strategy is a clear error."""
+    parsed = []
+    for name, strategy in routes:
+        try:
+            parsed.append((name, Route(strategy)))
+        except ValueError:
+            choices = ", ".join(r.value for r in Route)
+            raise ValueError(
+                f"unknown routing strategy {strategy!r} for queue {name!r}; choose {choices}"
+            ) from None
+    return tuple(parsed)
 
 
 def _in_main_thread() -> bool:

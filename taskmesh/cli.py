@@ -83,6 +83,34 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _routes(values: list[str]) -> tuple[tuple[str, str], ...]:
+    routes = []
+    for value in values:
+        for item in value.split(","):
+            queue, sep, strategy = item.strip().partition("=")
+            if not sep or not queue or not strategy:
+                raise typer.BadParameter(
+                    f"expected QUEUE=STRATEGY, got {item!r}", param_hint="--route"
+                )
+            routes.append((queue.strip(), strategy.strip()))
+    return tuple(routes)
+
+
+def _importable(modules: str) -> tuple[str, ...]:
+    """Check that each module can be found (without running it here) for --import."""
+    import importlib.util
+
+    names = tuple(m.strip() for m in modules.split(",") if m.strip())
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise typer.BadParameter(f"cannot find module {name!r}", param_hint="--import")
+    return names
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"taskmesh: {message}", err=True)
     return typer.Exit(1)
@@ -173,6 +201,30 @@ def broker(
             help="Folder of public keys (*.key) allowed to read status only.",
         ),
     ] = None,
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--route",
+            envvar="TASKMESH_ROUTE",
+            help="QUEUE=STRATEGY (least-loaded, round-robin, random, weighted, key); repeatable.",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            envvar="TASKMESH_METRICS_PORT",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on this port.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host", envvar="TASKMESH_METRICS_HOST", help="Address for the metrics."
+        ),
+    ] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the broker. Key folders are re-read when they change and on SIGHUP."""
@@ -193,6 +245,9 @@ def broker(
             producers=producers,
             workers=workers,
             readers=readers,
+            routes=_routes(route or []),
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
         server = Broker(config)
     except (TaskmeshError, ValueError) as exc:
@@ -205,6 +260,8 @@ def broker(
             bind,
         )
     server.run()
+    if server.failed:
+        raise _fail("the broker stopped because its journal could not be written")
 
 
 @app.command()
@@ -237,6 +294,50 @@ def worker(
             help="Extra tasks held beyond the free slots.",
         ),
     ] = 0,
+    weight: Annotated[
+        float,
+        typer.Option(
+            "--weight",
+            envvar="TASKMESH_WEIGHT",
+            min=0.001,
+            help="Share of tasks under the broker's weighted routing.",
+        ),
+    ] = 1.0,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            envvar="TASKMESH_SHUTDOWN_GRACE",
+            min=0,
+            help="On SIGTERM, seconds running tasks may take to finish (0: leave at once).",
+        ),
+    ] = 60.0,
+    max_tasks_per_child: Annotated[
+        int,
+        typer.Option(
+            "--max-tasks-per-child",
+            envvar="TASKMESH_MAX_TASKS_PER_CHILD",
+            min=0,
+            help="Replace an executor after this many tasks (0: never).",
+        ),
+    ] = 0,
+    max_memory_per_child: Annotated[
+        int,
+        typer.Option(
+            "--max-memory-per-child",
+            envvar="TASKMESH_MAX_MEMORY_PER_CHILD",
+            min=0,
+            help="Replace an executor grown past this many MB (0: never).",
+        ),
+    ] = 0,
+    imports: Annotated[
+        str,
+        typer.Option(
+            "--import",
+            envvar="TASKMESH_IMPORT",
+            help="Comma-separated modules to preload into every executor.",
+        ),
+    ] = "",
     heartbeat_interval: HbInterval = 1.0,
     heartbeat_liveness: HbLiveness = 3,
     curve_secret: CurveSecret = None,
@@ -258,6 +359,11 @@ def worker(
             name=name or default_worker_name(),
             heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
             prefetch=prefetch,
+            weight=weight,
+            shutdown_grace_s=grace,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child_mb=max_memory_per_child,
+            imports=_importable(imports),
             curve_secret=curve_secret,
             broker_key=broker_key,
         )

@@ -43,7 +43,13 @@ from taskmesh.config import (
     default_broker_key,
     default_curve_secret,
 )
-from taskmesh.errors import AuthenticationError, BrokerUnavailable, ProtocolError, TaskmeshError
+from taskmesh.errors import (
+    AuthenticationError,
+    BrokerUnavailable,
+    ProtocolError,
+    SerializationError,
+    TaskmeshError,
+)
 from taskmesh.options import DEFAULT_OPTIONS, TaskOptions, split_call_options
 from taskmesh.security import client_keys
 from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
@@ -54,6 +60,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 2000  # tasks per Submit message
+_DEFAULT_BATCH_BYTES = 64 << 20  # before the broker has said its limit
+_ENVELOPE_BYTES = 4096  # room for frames and fields around a call's pickles
 
 
 class TaskFuture(Future[T]):
@@ -131,6 +139,7 @@ class Client(Executor):
         self._sock_refused = False  # this socket's handshake was refused: it is dead
         self._connected = False
         self._hello_at: float | None = None  # a Hello sent, its Welcome not yet seen
+        self._max_message = 0  # the broker's limit, from Welcome (0: not known yet)
         self._broker_seen = time.monotonic()
         self._thread = threading.Thread(target=self._io_loop, name="taskmesh-client", daemon=True)
         self._thread.start()
@@ -178,7 +187,9 @@ class Client(Executor):
             options.key,
             float(options.retry_backoff),
             options.retry_names,
+            options.rate_per_s,
         )
+        self._check_size(spec)
         future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
         with self._lock:  # with _resync: a future is always either queued or unacked
             self._futures[spec.task_id] = future
@@ -340,16 +351,39 @@ class Client(Executor):
         self._unacked.clear()
         self._fail_all(AuthenticationError(f"{reason} (broker {self.broker})"))
 
+    def _check_size(self, spec: p.TaskSpec) -> None:
+        """Refuse a call larger than the broker accepts: it would drop the connection."""
+        limit = self._max_message
+        size = len(spec.fn) + len(spec.args)
+        if limit and size > limit - _ENVELOPE_BYTES:
+            raise SerializationError(
+                f"the call {spec.name}(...) pickles to {size:,} bytes; the broker at "
+                f"{self.broker} accepts messages up to {limit:,} bytes (--max-message-bytes)"
+            )
+
     def _send_outgoing(self, now: float) -> bool:
         sent = False
+        budget = (self._max_message or _DEFAULT_BATCH_BYTES) // 2
         while self._outgoing:  # submits first: a cancel must not overtake its task
             batch: list[p.TaskSpec] = []
+            size = 0
             while self._outgoing and len(batch) < _MAX_BATCH:
-                spec = self._outgoing.popleft()
+                spec = self._outgoing[0]
+                spec_size = len(spec.fn) + len(spec.args) + 256
+                if batch and size + spec_size > budget:
+                    break  # several large calls go in several messages
+                self._outgoing.popleft()
+                try:
+                    self._check_size(spec)  # the limit may have arrived after submit()
+                except SerializationError as exc:
+                    self._settle_id(spec.task_id, False, exc)
+                    continue
                 batch.append(spec)
+                size += spec_size
                 self._unacked[spec.task_id] = (now, spec)
-            self._send(p.Submit(batch))
-            sent = True
+            if batch:
+                self._send(p.Submit(batch))
+                sent = True
         while self._cancels:
             ids, terminate = self._cancels.popleft()
             self._send(p.Cancel(ids, terminate))
@@ -387,6 +421,7 @@ class Client(Executor):
             self._connected = True
             self._refused = None
             self._hello_at = None
+            self._max_message = msg.max_message_bytes
             self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Reconnect):
             # one resync answers every Reconnect sent before the broker saw our Hello

@@ -63,6 +63,9 @@ class BrokerConfig:
     producers: str | None = None  # folders of allowed public keys (*.key), one per role
     workers: str | None = None
     readers: str | None = None
+    routes: tuple[tuple[str, str], ...] = ()  # (queue, strategy)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,11 @@ class WorkerConfig:
     name: str = field(default_factory=default_worker_name)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     prefetch: int = 0
+    weight: float = 1.0  # share of tasks under the broker's "weighted" routing
+    shutdown_grace_s: float = 60.0  # on SIGTERM: how long running tasks may take to finish
+    max_tasks_per_child: int = 0  # replace an executor after this many tasks (0: never)
+    max_memory_per_child_mb: int = 0  # replace an executor grown past this size (0: never)
+    imports: tuple[str, ...] = ()  # modules preloaded into every executor
     reconnect_max_s: float = 10.0
     max_message_bytes: int = 1 << 30
     curve_secret: str | None = field(default_factory=default_curve_secret)

@@ -46,6 +46,7 @@ class _Executor:
 
     __slots__ = (
         "cancelled",
+        "completed",
         "conn",
         "index",
         "kill_reason",
@@ -64,6 +65,7 @@ class _Executor:
         self.kill_reason: p.Status | None = None
         self.killed_seq = -1
         self.cancelled: set[int] = set()
+        self.completed = 0
 
     def running(self) -> tuple[int, float] | None:
         """The seq and start time of the task running now, if any."""
@@ -83,6 +85,14 @@ class _Executor:
                 os.kill(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -106,15 +116,21 @@ class ExecutorPool:
         *,
         target_backlog_s: float = 0.005,
         mp_context: Any | None = None,
+        max_tasks_per_child: int = 0,
+        max_memory_per_child_mb: int = 0,
+        preload: tuple[str, ...] = (),
     ) -> None:
         import multiprocessing
 
         self.concurrency = concurrency
         self.worker_name = worker_name
         self.target_backlog_s = target_backlog_s
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child_mb * 1024 * 1024
         self._mp = mp_context or multiprocessing.get_context("forkserver")
         if self._mp.get_start_method() == "forkserver":
-            self._mp.set_forkserver_preload(["taskmesh.executor"])
+            # modules imported once in the fork server are already loaded in every executor
+            self._mp.set_forkserver_preload(["taskmesh.executor", *preload])
         self._executors: list[_Executor] = []
         self.backlog: deque[p.Assignment] = deque()
         self._outcomes: list[p.Outcome] = []
@@ -240,10 +256,27 @@ class ExecutorPool:
         for kind, ex in ready:
             if kind == "conn":
                 self._read(ex)
+                self._retire_if_spent(ex)
             if not ex.process.is_alive() and ex not in dead:
                 dead.append(ex)
         for ex in dead:
             self._died(ex)
+
+    def _retire_if_spent(self, ex: _Executor) -> None:
+        """Replace an idle executor that ran its quota of tasks or grew past its memory cap
+        (leaky libraries, fragmented heaps): the same as Celery's per-child limits."""
+        if ex.tasks or ex.kill_reason is not None:
+            return
+        why = ""
+        if self.max_tasks_per_child and ex.completed >= self.max_tasks_per_child:
+            why = f"after {ex.completed} tasks"
+        elif self.max_memory_per_child:
+            rss = _rss_bytes(ex.process.pid)
+            if rss > self.max_memory_per_child:
+                why = f"at {rss / 2**20:.0f} MB"
+        if why:
+            log.info("replacing executor %d %s", ex.index, why)
+            ex.kill(p.Status.CANCELLED, -1)  # it holds no task: nothing is reported
 
     def _read(self, ex: _Executor) -> None:
         while True:
@@ -258,6 +291,7 @@ class ExecutorPool:
                     log.error("executor %d returned task seq %s out of order", ex.index, seq)
                     continue
                 _, task = ex.tasks.popleft()
+                ex.completed += 1
                 self.avg_run_s += 0.2 * (run_s - self.avg_run_s)
                 if seq in ex.cancelled:
                     ex.cancelled.discard(seq)

@@ -4,6 +4,7 @@ decorated, a per-call override when it is given, so the submit hot path checks n
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from taskmesh.config import DEFAULT_QUEUE
@@ -22,6 +23,7 @@ CALL_OPTIONS = frozenset(
         "_countdown",
         "_key",
         "_rate_limit",
+        "_eta",
     }
 )
 
@@ -76,7 +78,7 @@ class TaskOptions:
         """These options with per-call overrides (names without the underscore)."""
         if not overrides:
             return self
-        unknown = set(overrides) - {f"{k[1:]}" for k in CALL_OPTIONS}
+        unknown = set(overrides) - {f"{k[1:]}" for k in CALL_OPTIONS} - {"eta"}
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
@@ -111,4 +113,15 @@ def split_call_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the ``_option=`` keyword arguments out of a call's kwargs (names without ``_``)."""
     if not kwargs:
         return {}
-    return {name[1:]: kwargs.pop(name) for name in [k for k in kwargs if k in CALL_OPTIONS]}
+    options = {name[1:]: kwargs.pop(name) for name in [k for k in kwargs if k in CALL_OPTIONS]}
+    if "eta" in options:
+        options["countdown"] = countdown_until(options.pop("eta"))
+    return options
+
+
+def countdown_until(eta: datetime) -> float:
+    """Seconds from now until ``eta`` (a naive datetime is local time); 0 if it has passed."""
+    if not isinstance(eta, datetime):
+        raise TypeError(f"_eta must be a datetime, got {eta!r}")
+    now = datetime.now(eta.tzinfo) if eta.tzinfo is not None else datetime.now()
+    return max(0.0, (eta - now).total_seconds())

@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     CREDIT = 0x22
     RESULTS = 0x23
     DISCONNECT = 0x24
+    RELEASE = 0x25
     # broker -> producer
     WELCOME = 0x41
     ACK = 0x42
@@ -510,6 +511,15 @@ class Results:
 
 
 @dataclass(frozen=True, slots=True)
+class Release:
+    """A draining worker hands back tasks it has not started and takes no new ones: the broker
+    requeues them without charging an attempt and sends this worker nothing more."""
+
+    KIND: ClassVar[Kind] = Kind.RELEASE
+    task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """A worker leaves cleanly; whatever it still held is requeued without using an attempt."""
 
@@ -612,6 +622,7 @@ Message: TypeAlias = (
     | Ready
     | Credit
     | Results
+    | Release
     | Disconnect
     | Welcome
     | Ack
@@ -628,7 +639,9 @@ Message: TypeAlias = (
 #: Which kinds each side may send, by signature. The broker sends a peer the same signature.
 PRODUCER_SENDS = frozenset({Kind.HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.WATCH})
 PRODUCER_SENDS |= {Kind.DELIVERED, Kind.BYE, Kind.HEARTBEAT}
-WORKER_SENDS = frozenset({Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.DISCONNECT, Kind.HEARTBEAT})
+WORKER_SENDS = frozenset(
+    {Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.RELEASE, Kind.DISCONNECT, Kind.HEARTBEAT}
+)
 
 
 # --------------------------------------------------------------------------- encode / decode
@@ -668,6 +681,7 @@ _simple(Delivered, _str_list)
 _simple(Bye)
 _simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list, _float)
 _simple(Credit, _int)
+_simple(Release, _str_list)
 _simple(Disconnect)
 _simple(Welcome, _str, _float, _int, _int)
 _simple(Ack, _str_list)

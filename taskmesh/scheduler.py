@@ -54,6 +54,7 @@ from taskmesh.protocol import (
     Outcomes,
     Ready,
     Reconnect,
+    Release,
     Results,
     ResultsAck,
     Status,
@@ -159,6 +160,7 @@ class WorkerRecord:
         "concurrency",
         "credit",
         "done",
+        "draining",
         "failed",
         "host",
         "joined_at",
@@ -188,6 +190,7 @@ class WorkerRecord:
         self.failed = 0
         self.seq = seq
         self.weight = msg.weight if msg.weight > 0 else 1.0
+        self.draining = False  # shutting down: finishing what it runs, taking nothing new
 
 
 class ProducerRecord:
@@ -468,7 +471,9 @@ class Scheduler:
         if isinstance(msg, Results):
             self._results(worker, msg.outcomes, now)
             return self._grant(worker, msg.credit)
-        if isinstance(msg, Disconnect):
+        if isinstance(msg, Release):
+            self._release(worker, msg.task_ids, now)
+        elif isinstance(msg, Disconnect):
             self._worker_left(worker, now)
         return []
 
@@ -523,7 +528,7 @@ class Scheduler:
     def _grant(self, worker: WorkerRecord, n: int) -> list[Send]:
         if n < 0 or worker.credit + n > _MAX_CREDIT:
             return [Send(worker.address, WORKER, Error("bad-credit", f"invalid credit {n}"))]
-        if n:
+        if n and not worker.draining:
             worker.credit += n
             self._dirty = True
         return []
@@ -580,6 +585,19 @@ class Scheduler:
         state = TaskState.CANCELLED if outcome.status is Status.CANCELLED else TaskState.FAILED
         final = Outcome(spec.task_id, outcome.status, outcome.value, outcome.error, outcome.run_s)
         self._finish(record, final, state, now, worker_name=worker.name)
+
+    def _release(self, worker: WorkerRecord, task_ids: Iterable[str], now: float) -> None:
+        """A draining worker gives back what it has not started; it gets no more work."""
+        worker.draining = True
+        worker.credit = 0
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if (
+                record is not None
+                and record.state is TaskState.RUNNING
+                and record.worker_id == worker.worker_id
+            ):
+                self._requeue_uncharged(record, now)
 
     def _worker_left(self, worker: WorkerRecord, now: float) -> None:
         """A clean goodbye: requeue what it held without charging an attempt."""
@@ -1013,7 +1031,7 @@ class Scheduler:
                     "done": w.done,
                     "failed": w.failed,
                     "heartbeat_age_s": round(age, 3),
-                    "state": str(state),
+                    "state": "draining" if w.draining else str(state),
                     "running": sorted(
                         self.tasks[t].spec.name for t in w.running if t in self.tasks
                     )[: w.concurrency],

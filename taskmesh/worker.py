@@ -30,9 +30,11 @@ import zmq
 
 from taskmesh import protocol as p
 from taskmesh.config import HeartbeatConfig, WorkerConfig
-from taskmesh.errors import ProtocolError
+from taskmesh.errors import ProtocolError, SerializationError
+from taskmesh.executor import exception_mro, pickle_exception
 from taskmesh.executor_pool import ExecutorPool
 from taskmesh.security import client_keys
+from taskmesh.serialize import qualified_name
 from taskmesh.transport import HandshakeWatch, watched_dealer
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,13 @@ class WorkerNode:
         self.worker_id = uuid.uuid4().hex
         self.heartbeat = config.heartbeat
         self._curve = client_keys(config.curve_secret, config.broker_key)
-        self.pool = ExecutorPool(config.concurrency, config.name)
+        self.pool = ExecutorPool(
+            config.concurrency,
+            config.name,
+            max_tasks_per_child=config.max_tasks_per_child,
+            max_memory_per_child_mb=config.max_memory_per_child_mb,
+            preload=config.imports,
+        )
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._unacked: dict[str, p.Outcome] = {}
         self._outstanding = 0  # credit granted to the broker and not yet used
@@ -58,6 +66,9 @@ class WorkerNode:
         self._reconnect_delay = self.heartbeat.interval_s
         self._next_reconnect = 0.0
         self._registered_at: float | None = None  # a Ready sent, its Welcome not yet seen
+        self._max_message = 0  # the broker's largest message, from Welcome
+        self._draining_since: float | None = None  # SIGTERM: finish what runs, take nothing new
+        self._released = False
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -100,8 +111,42 @@ class WorkerNode:
             pass
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.info("worker %s: %s received, leaving", self.config.name, signal.Signals(signum).name)
-        self._stopping = True
+        name = signal.Signals(signum).name
+        if self._draining_since is None and self.config.shutdown_grace_s > 0:
+            log.info(
+                "worker %s: %s received: finishing running tasks (up to %gs), handing back the "
+                "rest; send it again to leave now",
+                self.config.name,
+                name,
+                self.config.shutdown_grace_s,
+            )
+            self._draining_since = time.monotonic()
+        else:
+            log.info("worker %s: %s received, leaving now", self.config.name, name)
+            self._stopping = True
+
+    def _drain(self, now: float) -> None:
+        """While draining: give back what has not started, leave when the rest is done."""
+        assert self._draining_since is not None
+        if self.pool.backlog or not self._released:
+            # the first Release also tells the broker to send nothing more
+            released = [t.task_id for t in self.pool.backlog]
+            self.pool.backlog.clear()
+            self._send(p.Release(released))
+            self._released = True
+            if released:
+                log.info("worker %s: handed back %d tasks", self.config.name, len(released))
+        self._outstanding = 0
+        if not self.pool.held_count() and not self._unacked:
+            log.info("worker %s: every running task finished; leaving", self.config.name)
+            self._stopping = True
+        elif now - self._draining_since > self.config.shutdown_grace_s:
+            log.warning(
+                "worker %s: grace period over with %d tasks still running; they are handed back",
+                self.config.name,
+                self.pool.held_count(),
+            )
+            self._stopping = True
 
     def _shutdown(self) -> None:
         """Leave cleanly: tell the broker (it requeues what we held), stop the executors."""
@@ -154,6 +199,7 @@ class WorkerNode:
             concurrency=self.config.concurrency,
             credit=self._outstanding,
             held=held + list(self._unacked),
+            weight=self.config.weight,
         )
         self._send(ready)
         self._registered_at = time.monotonic()
@@ -205,6 +251,7 @@ class WorkerNode:
         elif isinstance(msg, p.Welcome):
             log.info("registered with broker %s at %s", msg.broker_id, self.config.broker)
             self._registered_at = None
+            self._max_message = msg.max_message_bytes
             self._adopt_heartbeat(msg)
         elif isinstance(msg, p.Error):
             log.error("broker refused a message: %s: %s", msg.code, msg.message)
@@ -224,10 +271,12 @@ class WorkerNode:
 
     def _flush(self) -> None:
         """Send new outcomes and whatever credit the freed capacity allows, in one message."""
-        outcomes = self.pool.take_outcomes()
+        outcomes = [self._fit(o) for o in self.pool.take_outcomes()]
         for outcome in outcomes:
             self._unacked[outcome.task_id] = outcome
         grant = max(0, self.capacity - self.pool.held_count() - self._outstanding)
+        if self._draining_since is not None:
+            grant = 0
         if not self._broker_alive and not outcomes:
             return
         if outcomes:
@@ -236,6 +285,22 @@ class WorkerNode:
         elif grant:
             self._outstanding += grant
             self._send(p.Credit(grant))
+
+    def _fit(self, outcome: p.Outcome) -> p.Outcome:
+        """An outcome too large for the broker becomes an error saying so (sent as it was, the
+        broker would drop the connection, and the resend after reconnecting, forever)."""
+        limit = self._max_message
+        if not limit or len(outcome.value) <= limit - 4096:
+            return outcome
+        message = (
+            f"the result of task [{outcome.task_id}] pickles to {len(outcome.value):,} bytes; "
+            f"the broker accepts messages up to {limit:,} bytes (--max-message-bytes)"
+        )
+        info = p.ErrorInfo(
+            qualified_name(SerializationError), message, "", exception_mro(SerializationError)
+        )
+        blob = pickle_exception(SerializationError(message))
+        return p.Outcome(outcome.task_id, p.Status.ERROR, blob, info, outcome.run_s)
 
     # ------------------------------------------------------------------ the loop
 
@@ -284,6 +349,8 @@ class WorkerNode:
                 if ready:
                     self.pool.on_readable(ready, now)
                 self.pool.check_deadlines(now)
+                if self._draining_since is not None:
+                    self._drain(now)
                 self.pool.pump()
                 self._flush()
                 self._keepalive(now)

@@ -35,6 +35,7 @@ from taskmesh.protocol import (
     Outcomes,
     Ready,
     Reconnect,
+    Release,
     Results,
     ResultsAck,
     Status,
@@ -99,6 +100,7 @@ EVERY_MESSAGE: list[Message] = [
     Credit(5),
     Results([Outcome("t1", Status.OK, b"value", None, 0.5)], credit=2),
     Disconnect(),
+    Release(["t1", "t2"]),
     Welcome("broker-1", 1.5, 3),
     Ack(["t1", "t2"]),
     Outcomes(
