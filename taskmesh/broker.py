@@ -240,6 +240,10 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + interval
             sends.extend(sched.flush(now))
+            if sched.notices:
+                for level, message, args in sched.notices:
+                    log.log(level, message, *args)
+                sched.notices.clear()
             batch = sched.take_journal()
             if self._writer is None:
                 for send in sends:
@@ -261,13 +265,7 @@ class Broker:
 
     def _tick(self, now: float) -> list[Send]:
         sched = self.scheduler
-        before = {w.worker_id: w.name for w in sched.workers.values()}
         sends = sched.tick(now)
-        for worker_id in before.keys() - sched.workers.keys():
-            log.warning(
-                "worker %s declared dead (missed heartbeats); its tasks are requeued",
-                before[worker_id],
-            )
         if self._metrics is not None:
             snapshot = sched.snapshot(now)
             snapshot["broker"] = self._broker_info()

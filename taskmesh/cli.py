@@ -30,6 +30,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+LogJson = Annotated[
+    bool,
+    typer.Option("--log-json", envvar="TASKMESH_LOG_JSON", help="Log one JSON object per line."),
+]
 LogLevel = Annotated[
     str,
     typer.Option("--log-level", envvar="TASKMESH_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR."),
@@ -72,15 +76,32 @@ BrokerKey = Annotated[
 ]
 
 
-def _setup_logging(level: str) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors (--log-json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, as_json: bool = False) -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
-    logging.basicConfig(
-        level=numeric,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler])
 
 
 def _routes(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -226,11 +247,12 @@ def broker(
         ),
     ] = "127.0.0.1",
     log_level: LogLevel = "INFO",
+    log_json: LogJson = False,
 ) -> None:
     """Run the broker. Key folders are re-read when they change and on SIGHUP."""
     from taskmesh.broker import Broker, is_loopback
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_json)
     try:
         config = BrokerConfig(
             bind=bind,
@@ -343,11 +365,12 @@ def worker(
     curve_secret: CurveSecret = None,
     broker_key: BrokerKey = None,
     log_level: LogLevel = "INFO",
+    log_json: LogJson = False,
 ) -> None:
     """Run a worker node: a supervisor and N executor processes."""
     from taskmesh.worker import WorkerNode
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_json)
     # like `python script.py`, let tasks import modules from the folder the worker starts in
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -27,6 +27,7 @@ import enum
 import hashlib
 import heapq
 import itertools
+import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -279,6 +280,8 @@ class Scheduler:
         self._out_acks: dict[str, list[str]] = {}
         self._out_results_acks: dict[bytes, list[str]] = {}
         self._dirty = False  # something may be dispatchable
+        # lifecycle events for the shell to log: (level, %-format, args); pure data here
+        self.notices: list[tuple[int, str, tuple[Any, ...]]] = []
         self.routes: dict[str, Route] = {
             queue: route for queue, route in self.config.routes if route is not Route.LEAST_LOADED
         }
@@ -385,6 +388,9 @@ class Scheduler:
         self.producers[msg.client_id] = ProducerRecord(msg, address, now)
         self._peers[address] = ("p", msg.client_id)
         return [Send(address, PRODUCER, self._welcome())]
+
+    def _notice(self, level: int, message: str, *args: Any) -> None:
+        self.notices.append((level, message, args))
 
     def _welcome(self) -> Welcome:
         return Welcome(
@@ -507,6 +513,15 @@ class Scheduler:
             self._forget_address(address, now)
             worker = WorkerRecord(msg, address, next(self._worker_seq), now)
             self.workers[msg.worker_id] = worker
+            self._notice(
+                logging.INFO,
+                "worker %s joined (host %s, pid %d, %d slots, queues %s)",
+                worker.name,
+                worker.host,
+                worker.pid,
+                worker.concurrency,
+                ",".join(worker.queues),
+            )
         for task_id in held:
             self._claim(task_id, worker, now)
         self._peers[address] = ("w", msg.worker_id)
@@ -588,6 +603,8 @@ class Scheduler:
 
     def _release(self, worker: WorkerRecord, task_ids: Iterable[str], now: float) -> None:
         """A draining worker gives back what it has not started; it gets no more work."""
+        if not worker.draining:
+            self._notice(logging.INFO, "worker %s is draining", worker.name)
         worker.draining = True
         worker.credit = 0
         for task_id in task_ids:
@@ -607,10 +624,18 @@ class Scheduler:
                 continue
             if record.worker_id == worker.worker_id:
                 self._requeue_uncharged(record, now)
+        self._notice(logging.INFO, "worker %s left", worker.name)
         self._remove_worker(worker, now, "left")
 
     def _worker_died(self, worker: WorkerRecord, now: float, reason: str) -> None:
         self.counters["workers_lost"] += 1
+        self._notice(
+            logging.WARNING,
+            "worker %s declared dead (%s); requeueing its %d tasks",
+            worker.name,
+            reason,
+            len(worker.running),
+        )
         for task_id in list(worker.running):
             record = self.tasks.get(task_id)
             if (
@@ -642,11 +667,26 @@ class Scheduler:
                 f"(max_attempts={record.spec.max_attempts}); last: {why}"
             )
             info = ErrorInfo("taskmesh.errors.WorkerLost", message, "", _WORKER_LOST_MRO)
+            self._notice(
+                logging.WARNING,
+                "task %s [%s] failed: %s",
+                record.spec.name,
+                record.spec.task_id,
+                message,
+            )
             outcome = Outcome(record.spec.task_id, Status.WORKER_LOST, b"", info)
             self._finish(record, outcome, TaskState.FAILED, now)
             return
         record.attempt += 1
         self.counters["requeued"] += 1
+        self._notice(
+            logging.INFO,
+            "task %s [%s] requeued (attempt %d): %s",
+            record.spec.name,
+            record.spec.task_id,
+            record.attempt,
+            why,
+        )
         self._requeue(record, now, 0.0)
 
     def _cancelled_instead(self, record: TaskRecord, now: float) -> bool:
