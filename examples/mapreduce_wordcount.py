@@ -13,20 +13,17 @@ count of the same files. It exits 0 only if both agree.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import taskmesh
 from taskmesh import task
-from taskmesh.testing import Mesh
+from taskmesh.testing import connected
 
 WORD = re.compile(r"[a-z']+")
 
@@ -35,25 +32,6 @@ WORD = re.compile(r"[a-z']+")
 def count_words(text: str) -> Counter[str]:
     """The map step: the words of one document (lower case), with their counts."""
     return Counter(WORD.findall(text.lower()))
-
-
-@contextmanager
-def connected(workers: int = 2, concurrency: int = 2) -> Iterator[taskmesh.Client]:
-    """The default client, on ``TASKMESH_BROKER`` if set, else on an embedded mesh."""
-    own_broker = os.environ.get("TASKMESH_BROKER")
-    if own_broker:
-        client = taskmesh.connect(own_broker)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    with Mesh(workers=workers, concurrency=concurrency) as mesh:
-        client = taskmesh.connect(mesh.url)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def make_corpus(folder: Path, n_files: int = 40, seed: int = 7) -> None:

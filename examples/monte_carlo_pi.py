@@ -20,12 +20,9 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import taskmesh
 from taskmesh import task
-from taskmesh.testing import Mesh
+from taskmesh.testing import connected
 
 CHUNKS = 24
 SAMPLES_PER_CHUNK = 400_000
@@ -47,25 +44,6 @@ def darts(seed: int, n: int) -> tuple[int, str]:
 
 def chunk_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
-
-
-@contextmanager
-def connected(workers: int = 3, concurrency: int = 1) -> Iterator[taskmesh.Client]:
-    """The default client, on ``TASKMESH_BROKER`` if set, else on an embedded mesh."""
-    own_broker = os.environ.get("TASKMESH_BROKER")
-    if own_broker:
-        client = taskmesh.connect(own_broker)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    with Mesh(workers=workers, concurrency=concurrency) as mesh:
-        client = taskmesh.connect(mesh.url)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def main() -> int:

@@ -15,12 +15,9 @@ only if both agree.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -34,7 +31,7 @@ from rich.progress import (
 
 import taskmesh
 from taskmesh import task
-from taskmesh.testing import Mesh
+from taskmesh.testing import connected
 
 CORRUPT_EVERY = 40
 
@@ -50,25 +47,6 @@ def process(i: int) -> str:
     if i % CORRUPT_EVERY == CORRUPT_EVERY - 1:
         raise ValueError(f"record {i} is corrupt")
     return hashlib.sha256(record(i)).hexdigest()
-
-
-@contextmanager
-def connected(workers: int = 2, concurrency: int = 2) -> Iterator[taskmesh.Client]:
-    """The default client, on ``TASKMESH_BROKER`` if set, else on an embedded mesh."""
-    own_broker = os.environ.get("TASKMESH_BROKER")
-    if own_broker:
-        client = taskmesh.connect(own_broker)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    with Mesh(workers=workers, concurrency=concurrency) as mesh:
-        client = taskmesh.connect(mesh.url)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def main() -> int:

@@ -28,14 +28,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import taskmesh
 from taskmesh import task
-from taskmesh.testing import Mesh
+from taskmesh.testing import connected
 
 
 def record_run(folder: str, name: str) -> int:
@@ -76,25 +75,6 @@ def crash(folder: str, name: str) -> None:
     """Ends its executor process on every run, as a segfaulting extension would."""
     record_run(folder, name)
     os._exit(1)
-
-
-@contextmanager
-def connected(workers: int = 2, concurrency: int = 2) -> Iterator[taskmesh.Client]:
-    """The default client, on ``TASKMESH_BROKER`` if set, else on an embedded mesh."""
-    own_broker = os.environ.get("TASKMESH_BROKER")
-    if own_broker:
-        client = taskmesh.connect(own_broker)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    with Mesh(workers=workers, concurrency=concurrency) as mesh:
-        client = taskmesh.connect(mesh.url)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def outcome(future: taskmesh.TaskFuture[Any]) -> tuple[str, BaseException | None]:

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +337,29 @@ class Mesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def connected(workers: int = 2, concurrency: int = 2) -> Iterator[Client]:
+    """The default client (``taskmesh.connect``) on ``TASKMESH_BROKER`` when it is set, else on
+    an embedded mesh started for the duration: how an example or a script runs both against a
+    real mesh and on its own."""
+    from taskmesh.client import connect
+
+    own_broker = os.environ.get("TASKMESH_BROKER")
+    if own_broker:
+        client = connect(own_broker)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with Mesh(workers=workers, concurrency=concurrency) as mesh:
+        client = connect(mesh.url)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 __all__ = ["ManagedProcess", "Mesh", "MeshKeys", "wait_until"]
