@@ -166,8 +166,9 @@ class Broker:
             old_wakeup = signal.set_wakeup_fd(self._wake_w)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, lambda s, f: self.stop())
-            if self.keyring is not None:
-                old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
+            # SIGHUP re-reads the key folders; without keys it must not kill the broker either
+            # (the systemd units' reload sends it)
+            old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.config.port_file:
             _write_atomically(self.config.port_file, self.endpoint + "\n")
         log.info(
@@ -305,6 +306,9 @@ class Broker:
     # ------------------------------------------------------------------ keys and roles
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
+        if self.keyring is None:
+            log.info("SIGHUP: no key folders to reload")
+            return
         self._reload_keys = True
         try:
             os.write(self._wake_w, b"h")

@@ -41,3 +41,18 @@ def test_broker_logs_worker_lifecycle_as_json(make_mesh) -> None:  # type: ignor
     assert any(m.startswith(f"worker {victim.name} declared dead") for m in lines), lines
     entry = _json_lines(mesh.broker.output())[0]
     assert {"time", "level", "logger", "message", "pid"} <= set(entry)
+
+
+@pytest.mark.timeout(60)
+def test_sighup_never_kills_a_broker_without_keys(make_mesh) -> None:  # type: ignore[no-untyped-def]
+    mesh: Mesh = make_mesh(workers=1, concurrency=1)
+    assert mesh.broker is not None
+    mesh.broker.signal(signal.SIGHUP)
+    wait_until(
+        lambda: "no key folders to reload" in (mesh.broker.output() if mesh.broker else ""),
+        10,
+        "the broker to log the SIGHUP",
+    )
+    assert mesh.broker.alive()
+    with mesh.client() as client:
+        assert client.submit(pow, 2, 5).result(timeout=20) == 32
