@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,24 +76,23 @@ def _percentile(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- workloads
 
 
+def _tasks_per_s(executor: Executor, n: int, who: str) -> float:
+    """Submit ``n`` no-op tasks, wait for all, check every result."""
+    started = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(n)]
+    results = [f.result(timeout=300) for f in futures]
+    elapsed = time.perf_counter() - started
+    if results != list(range(n)):
+        raise AssertionError(f"{who} returned wrong results")
+    return n / elapsed
+
+
 def throughput(client: Client, pool: ProcessPoolExecutor, n: int, repeat: int) -> list[Figure]:
     def run_mesh() -> float:
-        started = time.perf_counter()
-        futures = [client.submit(noop, i) for i in range(n)]
-        results = [f.result(timeout=300) for f in futures]
-        elapsed = time.perf_counter() - started
-        if results != list(range(n)):
-            raise AssertionError("taskmesh returned wrong results")
-        return n / elapsed
+        return _tasks_per_s(client, n, "taskmesh")
 
     def run_pool() -> float:
-        started = time.perf_counter()
-        futures = [pool.submit(noop, i) for i in range(n)]
-        results = [f.result(timeout=300) for f in futures]
-        elapsed = time.perf_counter() - started
-        if results != list(range(n)):
-            raise AssertionError("the process pool returned wrong results")
-        return n / elapsed
+        return _tasks_per_s(pool, n, "the process pool")
 
     mesh_runs, pool_runs = _alternate(run_mesh, run_pool, repeat)
     return [

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +30,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+StatusTimeout = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        envvar="TASKMESH_STATUS_TIMEOUT",
+        min=0.1,
+        help="Seconds to wait for the broker.",
+    ),
+]
 LogJson = Annotated[
     bool,
     typer.Option("--log-json", envvar="TASKMESH_LOG_JSON", help="Log one JSON object per line."),
@@ -400,26 +409,14 @@ def worker(
 def status(
     broker: BrokerUrl = DEFAULT_BROKER,
     as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
-    timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout",
-            envvar="TASKMESH_STATUS_TIMEOUT",
-            min=0.1,
-            help="Seconds to wait for the broker.",
-        ),
-    ] = 3.0,
+    timeout: StatusTimeout = 3.0,
     curve_secret: CurveSecret = None,
     broker_key: BrokerKey = None,
 ) -> None:
     """Print one snapshot of workers, queues and counters; exit 1 if no broker answers."""
-    from taskmesh.client import fetch_status
     from taskmesh.status import print_status
 
-    try:
-        snapshot = fetch_status(broker, timeout, curve_secret=curve_secret, broker_key=broker_key)
-    except TaskmeshError as exc:
-        raise _fail(str(exc)) from None
+    snapshot = _snapshot(broker, timeout, curve_secret, broker_key)
     if as_json:
         typer.echo(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
@@ -430,28 +427,30 @@ def status(
 def failed(
     broker: BrokerUrl = DEFAULT_BROKER,
     as_json: Annotated[bool, typer.Option("--json", help="Print the failures as JSON.")] = False,
-    timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout", envvar="TASKMESH_STATUS_TIMEOUT", min=0.1, help="Seconds to wait."
-        ),
-    ] = 3.0,
+    timeout: StatusTimeout = 3.0,
     curve_secret: CurveSecret = None,
     broker_key: BrokerKey = None,
 ) -> None:
     """List the last tasks that failed for good, with their exception type and worker."""
-    from taskmesh.client import fetch_status
     from taskmesh.status import print_failures
 
-    try:
-        snapshot = fetch_status(broker, timeout, curve_secret=curve_secret, broker_key=broker_key)
-    except TaskmeshError as exc:
-        raise _fail(str(exc)) from None
-    failures = snapshot.get("recent_failures", [])
+    failures = _snapshot(broker, timeout, curve_secret, broker_key).get("recent_failures", [])
     if as_json:
         typer.echo(json.dumps(failures, indent=2))
     else:
         print_failures(failures)
+
+
+def _snapshot(
+    broker: str, timeout: float, curve_secret: str | None, broker_key: str | None
+) -> dict[str, Any]:
+    """One status snapshot, or exit 1 with a one-line message."""
+    from taskmesh.client import fetch_status
+
+    try:
+        return fetch_status(broker, timeout, curve_secret=curve_secret, broker_key=broker_key)
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

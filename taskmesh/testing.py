@@ -85,6 +85,25 @@ class ManagedProcess:
             return ""
 
 
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """``(pid, state)`` of every live process in a process group, read from /proc (Linux).
+    Zombies are left out: they run nothing, and PID 1 in a container may never reap them."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append((int(entry), state))
+    return members
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.05
 ) -> None:

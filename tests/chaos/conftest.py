@@ -9,36 +9,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from taskmesh.testing import ManagedProcess, Mesh, wait_until
+from taskmesh.testing import ManagedProcess, Mesh, group_members, wait_until
 
 LOG_TAIL_CHARS = 6_000
 GROUP_GONE_S = 10.0
-
-
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """``(pid, state)`` of every live process in the group (zombies excluded: PID 1 in a
-    container may never reap orphans, and a zombie runs nothing)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
-            members.append((int(entry), state))
-    return members
 
 
 class ChaosMesh(Mesh):

@@ -22,10 +22,9 @@ from typing import Any
 import _tasks
 import cloudpickle
 import pytest
-from _procs import group_members
 
 from taskmesh import Client
-from taskmesh.testing import Mesh, wait_until
+from taskmesh.testing import Mesh, group_members, wait_until
 
 # workers cannot import the tests folder: ship the task functions by value
 cloudpickle.register_pickle_by_value(_tasks)

@@ -13,9 +13,8 @@ import time
 
 import _tasks
 import pytest
-from _procs import group_members
 
-from taskmesh.testing import ManagedProcess, Mesh, wait_until
+from taskmesh.testing import ManagedProcess, Mesh, group_members, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
