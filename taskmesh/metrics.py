@@ -87,12 +87,24 @@ class BrokerCollector:
         depth = GaugeMetricFamily(
             "taskmesh_queue_tasks", "Tasks in a queue by state.", labels=["queue", "state"]
         )
+        submitted = CounterMetricFamily(
+            "taskmesh_queue_tasks_submitted_total", "Tasks submitted by queue.", labels=["queue"]
+        )
+        requeued = CounterMetricFamily(
+            "taskmesh_queue_tasks_requeued_total",
+            "Runs requeued after a worker or executor was lost, by queue.",
+            labels=["queue"],
+        )
         for q in snap.get("queues", []):
             by_queue.add_metric([q["name"], "done"], float(q["done"]))
             by_queue.add_metric([q["name"], "failed"], float(q["failed"]))
+            submitted.add_metric([q["name"]], float(q.get("submitted", 0)))
+            requeued.add_metric([q["name"]], float(q.get("requeued", 0)))
             for state in ("pending", "delayed", "running"):
                 depth.add_metric([q["name"], state], float(q.get(state, 0)))
         yield by_queue
+        yield submitted
+        yield requeued
         yield depth
         alive = GaugeMetricFamily("taskmesh_workers_alive", "Workers registered and alive.")
         alive.add_metric([], float(snap.get("workers_alive", 0)))

@@ -207,9 +207,11 @@ class ProducerRecord:
 
 
 class QueueStats:
-    __slots__ = ("delayed", "done", "failed", "pending", "running")
+    __slots__ = ("delayed", "done", "failed", "pending", "requeued", "running", "submitted")
 
     def __init__(self) -> None:
+        self.submitted = 0
+        self.requeued = 0
         self.delayed = 0
         self.pending = 0
         self.running = 0
@@ -413,7 +415,7 @@ class Scheduler:
             record = TaskRecord(spec, producer.client_id, next(self._seq), now)
             self.tasks[spec.task_id] = record
             self.counters["submitted"] += 1
-            self._stats(spec.queue)
+            self._stats(spec.queue).submitted += 1
             not_before = None
             if spec.countdown_s > 0:
                 not_before = now + spec.countdown_s + self.wall_offset
@@ -679,6 +681,7 @@ class Scheduler:
             return
         record.attempt += 1
         self.counters["requeued"] += 1
+        self.stats[record.spec.queue].requeued += 1
         self._notice(
             logging.INFO,
             "task %s [%s] requeued (attempt %d): %s",
@@ -703,6 +706,7 @@ class Scheduler:
         self._leave_state(record)
         if not self._cancelled_instead(record, now):
             self.counters["requeued"] += 1
+            self.stats[record.spec.queue].requeued += 1
             self._enqueue(record, now)
 
     def _backoff(self, spec: TaskSpec, errors: int) -> float:
@@ -1086,6 +1090,8 @@ class Scheduler:
                 "running": s.running,
                 "done": s.done,
                 "failed": s.failed,
+                "submitted": s.submitted,
+                "requeued": s.requeued,
             }
             for name, s in sorted(self.stats.items())
         ]

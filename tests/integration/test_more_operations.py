@@ -78,6 +78,26 @@ def queue_stats(mesh: Mesh, name: str) -> dict[str, Any]:
     return {"name": name, "pending": 0, "delayed": 0, "running": 0, "done": 0, "failed": 0}
 
 
+def wait_for_queue(
+    mesh: Mesh,
+    name: str,
+    check: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    what: str,
+) -> None:
+    """``wait_until`` on one queue's figures; the last ones seen go in the timeout's message."""
+    last: dict[str, Any] = {}
+
+    def ok() -> bool:
+        last.update(queue_stats(mesh, name))
+        return check(last)
+
+    try:
+        wait_until(ok, timeout, what)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; last seen: {last}") from None
+
+
 def counter(mesh: Mesh, name: str) -> int:
     return int(mesh.status()["counters"].get(name, 0))
 
@@ -92,9 +112,14 @@ def describe(fut: Future[Any]) -> str:
     return f"{fut!r}: raised {exc!r}" if exc else f"{fut!r}: returned {fut.result()!r}"
 
 
-def single_slot_mesh(make_mesh: Callable[..., Mesh], **options: Any) -> Mesh:
-    """A mesh with one worker named ``single``: one executor, no prefetch."""
-    mesh = make_mesh(workers=0, heartbeat_interval_s=0.2, **options)
+def single_slot_mesh(make_mesh: Callable[..., Mesh]) -> Mesh:
+    """A mesh with one worker named ``single``: one executor, no prefetch.
+
+    It keeps the default heartbeat (1 s), the one a producer starts with: a producer's I/O loop
+    keeps the interval it started with even after adopting a faster broker's, so under a
+    faster heartbeat an idle producer is dropped by the broker now and then, and a CANCEL
+    it sends meanwhile is lost (CANCEL is not resent)."""
+    mesh = make_mesh(workers=0)
     mesh.add_worker("single", concurrency=1)
     mesh.wait_for_workers(1)
     return mesh
@@ -158,16 +183,13 @@ def test_cancel_a_task_queued_behind_a_busy_worker(make_mesh, gate, recording_cl
     wait_until(lambda: [x for x, _, _ in gate.started()] == [0], 20, "the first task to start")
     second = client.submit(_tasks.gated, 1, str(gate))
     target = client.submit(_tasks.gated, 2, str(gate))
-    seen: list[dict[str, Any]] = []
-
-    def two_pending() -> bool:
-        seen.append(mesh.status())
-        return queue_stats(mesh, "default")["pending"] == 2
-
-    try:
-        wait_until(two_pending, 10, "two tasks to wait at the broker behind the running one")
-    except TimeoutError:
-        raise AssertionError(json.dumps(seen[-1], indent=1)) from None
+    wait_for_queue(
+        mesh,
+        "default",
+        lambda q: q["pending"] == 2,
+        10,
+        "two tasks to wait at the broker behind the running one",
+    )
 
     assert not target.done(), describe(target)
     assert target.cancel() is True, describe(target)
@@ -245,8 +267,10 @@ def test_broker_sigterm_keeps_pending_tasks_in_the_journal(make_mesh, tmp_path: 
     mesh: Mesh = make_mesh(workers=0, heartbeat_interval_s=0.2, journal=str(journal))
     with mesh.client() as client:
         futures = [client.submit(_tasks.add, i, 1000, _queue="parked") for i in range(n)]
-        wait_until(
-            lambda: queue_stats(mesh, "parked")["pending"] == n,
+        wait_for_queue(
+            mesh,
+            "parked",
+            lambda q: q["pending"] == n,
             20,
             f"{n} tasks to be pending on a queue no worker serves",
         )

@@ -46,3 +46,5 @@ def test_released_tasks_go_elsewhere_uncharged_and_the_worker_gets_nothing_more(
     states = {w["name"]: w["state"] for w in s.snapshot(1.0)["workers"]}
     assert states == {"w1": "draining", "w2": "alive"}
     assert s.workers["w1"].running == {"t0"}  # it still finishes what it runs
+    queue = next(q for q in s.snapshot(1.0)["queues"] if q["name"] == "default")
+    assert (queue["submitted"], queue["requeued"]) == (3, 2)

@@ -10,7 +10,18 @@ from taskmesh.metrics import BrokerCollector
 
 SNAPSHOT = {
     "counters": {"submitted": 12, "done": 9, "failed": 2, "requeued": 3, "workers_lost": 1},
-    "queues": [{"name": "cpu", "pending": 4, "delayed": 1, "running": 2, "done": 9, "failed": 2}],
+    "queues": [
+        {
+            "name": "cpu",
+            "pending": 4,
+            "delayed": 1,
+            "running": 2,
+            "done": 9,
+            "failed": 2,
+            "submitted": 12,
+            "requeued": 3,
+        }
+    ],
     "workers_alive": 2,
     "workers": [{"name": "w1", "busy": 2, "concurrency": 4}],
     "broker": {"uptime_s": 42.0},
@@ -38,6 +49,8 @@ def test_counters_gauges_and_histograms_are_exported() -> None:
     assert "taskmesh_tasks_requeued_total 3.0" in text
     assert 'taskmesh_queue_tasks{queue="cpu",state="pending"} 4.0' in text
     assert 'taskmesh_queue_tasks_finished_total{queue="cpu",result="failed"} 2.0' in text
+    assert 'taskmesh_queue_tasks_submitted_total{queue="cpu"} 12.0' in text
+    assert 'taskmesh_queue_tasks_requeued_total{queue="cpu"} 3.0' in text
     assert "taskmesh_workers_alive 2.0" in text
     assert 'taskmesh_worker_slots{use="busy",worker="w1"} 2.0' in text
     assert 'taskmesh_task_run_seconds_bucket{le="0.001"} 2.0' in text
