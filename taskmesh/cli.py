@@ -137,7 +137,7 @@ def _importable(modules: str) -> tuple[str, ...]:
         except (ImportError, ValueError):
             found = None
         if found is None:
-            raise typer.BadParameter(f"cannot find module {name!r}", param_hint="--import")
+            raise ValueError(f"--import: cannot find module {name!r}")
     return names
 
 

@@ -75,10 +75,11 @@ class TaskFuture(Future[T]):
 
     def cancel(self) -> bool:
         """Cancel locally and ask the broker to drop the task if it has not started yet."""
-        if self.done():
+        # cancel here first: the broker's reply may otherwise finish the future in between
+        if not super().cancel():
             return False
         self._client._request_cancel([self.task_id], terminate=False)
-        return super().cancel()
+        return True
 
     def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self).__await__()
@@ -281,9 +282,10 @@ class Client(Executor):
             poller.register(self._sock, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
             poller.register(self._watch.socket, zmq.POLLIN)
-            interval = self.config.heartbeat.interval_s
             last_sent = time.monotonic()
             while not self._closed:
+                # the broker's heartbeat rules (adopted from Welcome) may change the interval
+                interval = self.config.heartbeat.interval_s
                 events = dict(poller.poll(int(interval * 1000)))
                 now = time.monotonic()
                 if self._wake_r in events:
