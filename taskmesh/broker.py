@@ -94,6 +94,7 @@ class Broker:
                 result_ttl_s=config.result_ttl_s,
                 max_message_bytes=config.max_message_bytes,
                 routes=parse_routes(config.routes),
+                priority_aging_s=config.priority_aging_s,
             ),
             broker_id=self.broker_id,
             wall_offset=time.time() - time.monotonic(),

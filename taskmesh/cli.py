@@ -239,6 +239,15 @@ def broker(
             help="QUEUE=STRATEGY (least-loaded, round-robin, random, weighted, key); repeatable.",
         ),
     ] = None,
+    priority_aging: Annotated[
+        float,
+        typer.Option(
+            "--priority-aging",
+            envvar="TASKMESH_PRIORITY_AGING",
+            min=0,
+            help="Seconds of waiting worth one priority level (0: strict priorities).",
+        ),
+    ] = 0.0,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -277,6 +286,7 @@ def broker(
             workers=workers,
             readers=readers,
             routes=_routes(route or []),
+            priority_aging_s=priority_aging,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )

@@ -64,6 +64,7 @@ class BrokerConfig:
     workers: str | None = None
     readers: str | None = None
     routes: tuple[tuple[str, str], ...] = ()  # (queue, strategy)
+    priority_aging_s: float = 0.0  # 0: strict priorities
     metrics_port: int | None = None  # serve Prometheus metrics on this port
     metrics_host: str = "127.0.0.1"
 

@@ -115,6 +115,7 @@ class SchedulerConfig:
     retry_backoff_max_s: float = 300.0
     max_message_bytes: int = 0  # announced in Welcome; 0 when unlimited
     routes: tuple[tuple[str, Route], ...] = ()  # (queue, strategy); unnamed queues: least-loaded
+    priority_aging_s: float = 0.0  # 0: strict priorities; else one level gained per this wait
 
 
 class TaskRecord:
@@ -742,7 +743,11 @@ class Scheduler:
         heap = self._queues.get(spec.queue)
         if heap is None:
             heap = self._queues[spec.queue] = []
-        entry = (float(-spec.priority), record.seq, spec.task_id)
+        aging = self.config.priority_aging_s
+        # with aging, a fixed key still: a task that has waited `aging` seconds longer than
+        # another is worth one priority level more, so low priorities are never starved
+        rank = record.submitted_at - spec.priority * aging if aging > 0 else float(-spec.priority)
+        entry = (rank, record.seq, spec.task_id)
         record.entry = entry
         heapq.heappush(heap, entry)
         self.stats[spec.queue].pending += 1
