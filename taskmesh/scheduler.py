@@ -257,7 +257,9 @@ class Scheduler:
         # per queue: heap of (-priority, seq, task_id); stale entries are skipped on pop
         self._queues: dict[str, list[tuple[float, int, str]]] = {}
         self._delayed: list[tuple[float, int, str]] = []
-        self._retired: list[tuple[float, str]] = []  # (finished_at, task_id), for the TTL
+        # finished, undelivered tasks in finishing order -> finished_at, for the retention time;
+        # a dict, so that a delivery forgets its entry at once and memory stays bounded
+        self._retired: dict[str, float] = {}
         self._seq = itertools.count()
         self._worker_seq = itertools.count()
         self.stats: dict[str, QueueStats] = {}
@@ -451,6 +453,7 @@ class Scheduler:
             record = self.tasks.get(task_id)
             if record is not None and record.state in TERMINAL:
                 del self.tasks[task_id]
+                self._retired.pop(task_id, None)
                 self.journal.forgotten.append(task_id)
 
     def _watch(self, producer: ProducerRecord, task_ids: Iterable[str]) -> None:
@@ -808,7 +811,7 @@ class Scheduler:
                 }
             )
             del self.recent_failures[: -self.config.recent_failures]
-        self._retired.append((now, record.spec.task_id))
+        self._retired[record.spec.task_id] = now
         self.journal.finished.append(
             FinishedTask(
                 record.spec.task_id,
@@ -834,17 +837,17 @@ class Scheduler:
 
     def _expire(self, now: float) -> None:
         horizon = now - self.config.result_ttl_s
-        retired = self._retired
-        i = 0
-        while i < len(retired) and retired[i][0] <= horizon:
-            task_id = retired[i][1]
+        expired = []
+        for task_id, finished_at in self._retired.items():  # oldest first
+            if finished_at > horizon:
+                break
+            expired.append(task_id)
+        for task_id in expired:
+            del self._retired[task_id]
             record = self.tasks.get(task_id)
             if record is not None and record.state in TERMINAL:
                 del self.tasks[task_id]
                 self.journal.forgotten.append(task_id)
-            i += 1
-        if i:
-            del retired[:i]
 
     def _forget_address(self, address: bytes, now: float) -> None:
         peer = self._peers.pop(address, None)
@@ -1035,15 +1038,16 @@ class Scheduler:
                 ready_at = max(ready_at, item.not_before - self.wall_offset)
             self._delay(record, ready_at)
             max_seq = max(max_seq, item.seq)
+        retired: list[tuple[float, str]] = []
         for done in recovery.finished:
             spec = TaskSpec(done.task_id, "", "", b"", b"")
             record = TaskRecord(spec, done.client_id, done.seq, now)
             record.state = TaskState(done.state)
             record.outcome = done.outcome
             self.tasks[done.task_id] = record
-            self._retired.append((done.finished_at - self.wall_offset, done.task_id))
+            retired.append((done.finished_at - self.wall_offset, done.task_id))
             max_seq = max(max_seq, done.seq)
-        self._retired.sort()
+        self._retired = {task_id: at for at, task_id in sorted(retired)}
         self._seq = itertools.count(max_seq + 1)
         self.counters["recovered"] = len(recovery.pending)
         self.counters["recovered_outcomes"] = len(recovery.finished)

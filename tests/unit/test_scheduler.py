@@ -17,6 +17,7 @@ from taskmesh.protocol import (
     Bye,
     Cancel,
     Credit,
+    Delivered,
     Disconnect,
     Error,
     ErrorInfo,
@@ -1136,3 +1137,18 @@ def test_a_repeated_ready_on_the_same_socket_changes_nothing() -> None:
     assert m.s.workers["w1"].credit == 0  # not reset to the stale figure
     assert assigned(m.flush(), W1) == []
     assert m.s.counters["requeued"] == 0
+
+
+def test_delivered_outcomes_leave_no_bookkeeping_behind() -> None:
+    # at tens of thousands of tasks a second, anything kept per delivered task for the whole
+    # retention time would grow without bound
+    m = Mesh()
+    m.hello()
+    m.ready(W1, "w1", credit=100)
+    m.submit(*(spec(f"t{i}") for i in range(50)))
+    m.flush()
+    m.results(*(ok(f"t{i}") for i in range(50)), credit=0)
+    m.flush()
+    m.s.handle(P1, PRODUCER, Delivered([f"t{i}" for i in range(50)]), 1.0)
+    assert not m.s.tasks
+    assert not m.s._retired
