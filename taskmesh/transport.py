@@ -32,23 +32,6 @@ def check_endpoint(url: str, *, what: str = "broker address") -> str:
     return url
 
 
-def dealer(
-    ctx: zmq.Context[Any],
-    url: str,
-    *,
-    max_message_bytes: int | None = None,
-    curve: CurveKeys | None = None,
-) -> zmq.Socket[Any]:
-    """A DEALER connected to the broker: no linger, so closing never blocks on a dead broker.
-
-    With ``curve`` the connection is a CurveZMQ client of the broker. Sends never block: they
-    raise ``zmq.Again`` on a socket whose handshake was refused (libzmq drops such a connection
-    for good), where a blocking send would hang its thread forever."""
-    sock = _dealer_socket(ctx, url, max_message_bytes, curve)
-    _connect(sock, url)
-    return sock
-
-
 def watched_dealer(
     ctx: zmq.Context[Any],
     url: str,
@@ -56,8 +39,10 @@ def watched_dealer(
     max_message_bytes: int | None = None,
     curve: CurveKeys | None = None,
 ) -> tuple[zmq.Socket[Any], HandshakeWatch]:
-    """``dealer``, with a ``HandshakeWatch`` attached before it connects: on loopback a refused
-    handshake can be over before a monitor attached afterwards would hear of it."""
+    """A DEALER connected to the broker (no linger, so closing never blocks on a dead broker;
+    a CurveZMQ client with ``curve``), with a ``HandshakeWatch`` attached before it connects:
+    on loopback a refused handshake can be over before a monitor attached afterwards would
+    hear of it."""
     sock = _dealer_socket(ctx, url, max_message_bytes, curve)
     watch = HandshakeWatch(sock, curve is not None)
     try:

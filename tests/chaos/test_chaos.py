@@ -20,23 +20,20 @@ at-least-once, so a task may run more than once: those are counted and printed, 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import pytest
+from _outcomes import CountingClient, Tally
 
 import taskmesh
-from taskmesh import Client, TaskFuture
-from taskmesh.protocol import Outcome
 from taskmesh.testing import Mesh, wait_until
 
 # Workers cannot import the tests folder: the task function travels by value. (Passing
@@ -105,68 +102,6 @@ def read_runs(side_file: Path) -> tuple[collections.Counter[int], collections.Co
 
 
 # ------------------------------------------------------------------ the producer side
-
-
-class CountingClient(Client):
-    """A real client that also counts every outcome message the broker sends it, per task.
-
-    The client drops repeated outcomes by design (first one wins); this shows how many there
-    were, and whether a repeat ever disagreed with the first copy.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.wire: collections.Counter[str] = collections.Counter()
-        self.first: dict[str, tuple[int, bytes]] = {}
-        self.conflicts: list[str] = []
-        self.resyncs = 0  # answers to the broker's Reconnect: hello, resend, watch
-        super().__init__(*args, **kwargs)
-
-    def _resync(self) -> None:
-        self.resyncs += 1
-        super()._resync()
-
-    def _resolve(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            key = (int(outcome.status), bytes(outcome.value))
-            self.wire[outcome.task_id] += 1
-            first = self.first.setdefault(outcome.task_id, key)
-            if first != key:
-                self.conflicts.append(outcome.task_id)
-        super()._resolve(outcomes)
-
-
-@dataclass
-class Tally:
-    """Every resolution of every future, counted by done callbacks (a second one shows here)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    resolved: int = 0
-    calls: collections.Counter[int] = field(default_factory=collections.Counter)
-    wrong: dict[int, str] = field(default_factory=dict)
-
-    def watch(self, index: int, future: TaskFuture[Any]) -> None:
-        future.add_done_callback(lambda f: self._done(index, f))
-
-    def _done(self, index: int, future: concurrent.futures.Future[Any]) -> None:
-        if future.cancelled():
-            problem: str | None = "cancelled"
-        elif future.exception() is not None:
-            exc = future.exception()
-            problem = f"{type(exc).__name__}: {exc}"
-        elif future.result() != expected(index):
-            problem = f"wrong value {future.result()!r}"
-        else:
-            problem = None
-        with self.lock:
-            self.calls[index] += 1
-            if self.calls[index] == 1:
-                self.resolved += 1
-            if problem is not None:
-                self.wrong[index] = problem
-
-    def count(self) -> int:
-        with self.lock:
-            return self.resolved
 
 
 # ------------------------------------------------------------------ the chaos script
@@ -314,7 +249,7 @@ def test_chaos_run_loses_no_task_and_resolves_each_future_once(
     )
     started = time.monotonic()
     deadline = started + RUN_BUDGET_S
-    tally = Tally()
+    tally = Tally(expected)
     # default options: the client adopts the broker's heartbeat from its Welcome
     client = CountingClient(mesh.url)
     chaos = Chaos(mesh, tally.count, deadline)

@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import importlib.util
 import json
 import os
 import secrets
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _outcomes import CountingClient, Tally
 
-from taskmesh import Client
-from taskmesh.protocol import Outcome
 from taskmesh.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,57 +131,6 @@ def runs_ended(side_file: Path) -> int:
 # ------------------------------------------------------------------ the producer (inside h4)
 
 
-class CountingClient(Client):
-    """A real client that also counts the outcome messages the broker sends it, per task."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.wire: collections.Counter[str] = collections.Counter()
-        self.first: dict[str, tuple[int, bytes]] = {}
-        self.conflicts: list[str] = []
-        super().__init__(*args, **kwargs)
-
-    def _resolve(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            key = (int(outcome.status), bytes(outcome.value))
-            self.wire[outcome.task_id] += 1
-            if self.first.setdefault(outcome.task_id, key) != key:
-                self.conflicts.append(outcome.task_id)
-        super()._resolve(outcomes)
-
-
-class Tally:
-    """Every resolution of every future, counted by done callbacks (a second one shows here)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.resolved = 0
-        self.calls: collections.Counter[int] = collections.Counter()
-        self.wrong: dict[int, str] = {}
-
-    def watch(self, index: int, future: concurrent.futures.Future[Any]) -> None:
-        future.add_done_callback(lambda f: self._done(index, f))
-
-    def _done(self, index: int, future: concurrent.futures.Future[Any]) -> None:
-        if future.cancelled():
-            problem: str | None = "cancelled"
-        elif (exc := future.exception()) is not None:
-            problem = f"{type(exc).__name__}: {exc}"
-        elif tuple(future.result()) != expected(index):
-            problem = f"wrong value {future.result()!r}"
-        else:
-            problem = None
-        with self.lock:
-            self.calls[index] += 1
-            if self.calls[index] == 1:
-                self.resolved += 1
-            if problem is not None:
-                self.wrong[index] = problem
-
-    def count(self) -> int:
-        with self.lock:
-            return self.resolved
-
-
 def produce(argv: list[str]) -> int:
     """Submit the tasks, wait for every outcome (bounded), write a JSON report."""
     parser = argparse.ArgumentParser()
@@ -195,7 +141,7 @@ def produce(argv: list[str]) -> int:
     parser.add_argument("--budget", type=float, required=True)
     args = parser.parse_args(argv)
     started = time.monotonic()
-    tally = Tally()
+    tally = Tally(expected)
     client = CountingClient(args.broker)
     futures = []
     try:
