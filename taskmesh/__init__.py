@@ -18,6 +18,7 @@ from taskmesh.client import Client, TaskFuture, connect, default_client
 from taskmesh.errors import (
     AuthenticationError,
     BrokerUnavailable,
+    DependencyFailed,
     ProtocolError,
     RemoteError,
     SerializationError,
@@ -42,6 +43,7 @@ __all__ = [
     "AuthenticationError",
     "BrokerUnavailable",
     "Client",
+    "DependencyFailed",
     "ProtocolError",
     "RemoteError",
     "SerializationError",

@@ -612,6 +612,154 @@ def keys_show(
         raise _fail(str(exc)) from None
 
 
+# ----------------------------------------------------------------------------- taskmesh schedule
+
+schedule_app = typer.Typer(
+    help="Periodic tasks, run by the broker itself (no beat process): add, list, remove.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_every(text: str) -> float:
+    """``30``, ``30s``, ``5m``, ``1h``, ``1d`` or ``1h30m`` as seconds."""
+    import re
+
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:\d+(?:\.\d+)?[smhd])+", text)
+    if not parts:
+        raise ValueError(f"--every {text!r}: expected seconds or e.g. 30s, 5m, 1h30m, 1d")
+    return sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", text))
+
+
+def _load_target(target: str) -> Any:
+    """``package.module:function``, imported from the current folder like ``python -m``."""
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODULE:FUNCTION, got {target!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{target} is not callable")
+    return obj
+
+
+@schedule_app.command("add")
+def schedule_add(
+    target: Annotated[str, typer.Argument(help="The task as MODULE:FUNCTION (importable here).")],
+    every: Annotated[
+        str | None, typer.Option("--every", help="Interval: seconds, or 30s, 5m, 1h, 1d.")
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option("--cron", help='A five-field cron line (UTC), e.g. "0 3 * * *".')
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Schedule name (default: the task's name).")
+    ] = None,
+    args: Annotated[str, typer.Option("--args", help="Positional arguments, a JSON list.")] = "[]",
+    kwargs: Annotated[
+        str, typer.Option("--kwargs", help="Keyword arguments, a JSON object.")
+    ] = "{}",
+    queue: Annotated[
+        str | None, typer.Option("--queue", help="Queue (default: the task's).")
+    ] = None,
+    broker: BrokerUrl = DEFAULT_BROKER,
+    timeout: StatusTimeout = 5.0,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
+) -> None:
+    """Register (or replace, by name) a periodic task; without --every/--cron the task's own
+    @task(every=...) or @task(cron=...) is used."""
+    from taskmesh.client import Client
+
+    try:
+        fn = _load_target(target)
+        call_args = json.loads(args)
+        call_kwargs = json.loads(kwargs)
+        if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+            raise ValueError("--args takes a JSON list and --kwargs a JSON object")
+        options = getattr(fn, "options", None)
+        every_s: float | None = parse_every(every) if every is not None else None
+        rule = cron
+        if every_s is None and rule is None and options is not None:
+            from taskmesh.options import periodic_rule
+
+            if options.every is not None or options.cron is not None:
+                every_s, rule = periodic_rule(options.every, options.cron)
+        if queue is not None:
+            call_kwargs["_queue"] = queue
+        with Client(
+            broker, connect_timeout_s=timeout, curve_secret=curve_secret, broker_key=broker_key
+        ) as client:
+            label = client.schedule(
+                fn, *call_args, every=every_s, cron=rule, name=name, **call_kwargs
+            )
+            listed = {s["name"]: s for s in client.schedules()}
+    except (TaskmeshError, ValueError, TypeError) as exc:
+        raise _fail(str(exc)) from None
+    entry = listed.get(label, {})
+    typer.echo(f"scheduled {label}: {entry.get('rule', '')}")
+
+
+@schedule_app.command("list")
+def schedule_list(
+    broker: BrokerUrl = DEFAULT_BROKER,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+    timeout: StatusTimeout = 3.0,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
+) -> None:
+    """The broker's periodic tasks: rule, next and last run (UTC), runs, ticks skipped."""
+    from rich.console import Console
+
+    from taskmesh.status import schedules_table
+
+    found = _snapshot(broker, timeout, curve_secret, broker_key).get("schedules", [])
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+    elif not found:
+        typer.echo("no periodic task")
+    else:
+        Console().print(schedules_table(found))
+
+
+@schedule_app.command("remove")
+def schedule_remove(
+    name: Annotated[str, typer.Argument(help="The schedule's name (see taskmesh schedule list).")],
+    broker: BrokerUrl = DEFAULT_BROKER,
+    timeout: StatusTimeout = 5.0,
+    curve_secret: CurveSecret = None,
+    broker_key: BrokerKey = None,
+) -> None:
+    """Stop a periodic task; exit 1 if the broker has none by that name."""
+    from taskmesh.client import Client
+
+    try:
+        with Client(
+            broker, connect_timeout_s=timeout, curve_secret=curve_secret, broker_key=broker_key
+        ) as client:
+            client.unschedule(name)
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"removed {name}")
+
+
 def main() -> None:
     app()
 

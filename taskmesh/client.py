@@ -14,6 +14,10 @@ Delivery rules kept here:
 - A broker that refuses this client's key (at the handshake, or ``forbidden`` later) fails
   every unresolved future with ``AuthenticationError`` and forgets its tasks: nothing is resent
   if the key is accepted later, so a failed future never runs after all.
+- A future passed as an argument (a dependency) travels as a reference to its task. Until the
+  broker has acknowledged the task that refers to it, the dependency's ``Delivered`` is held
+  back, so the broker cannot forget an outcome that a task on its way still needs. A future
+  that has already finished travels as its value instead (or fails its dependent at once).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import zmq
@@ -46,13 +51,22 @@ from taskmesh.config import (
 from taskmesh.errors import (
     AuthenticationError,
     BrokerUnavailable,
+    DependencyFailed,
     ProtocolError,
     SerializationError,
     TaskmeshError,
 )
-from taskmesh.options import DEFAULT_OPTIONS, TaskOptions, split_call_options
+from taskmesh.options import DEFAULT_OPTIONS, TaskOptions, periodic_rule, split_call_options
 from taskmesh.security import client_keys
-from taskmesh.serialize import callable_name, dumps_call, dumps_function, load_outcome
+from taskmesh.serialize import (
+    callable_name,
+    dependency_collector,
+    dependency_value,
+    dumps_call,
+    dumps_function,
+    load_outcome,
+    passthrough,
+)
 from taskmesh.transport import check_endpoint, watched_dealer
 
 log = logging.getLogger(__name__)
@@ -72,6 +86,7 @@ class TaskFuture(Future[T]):
         self.task_id = task_id
         self.name = name
         self._client = client
+        self._seen: p.Outcome | None = None  # its outcome arrived (set before it is settled)
 
     def cancel(self) -> bool:
         """Cancel locally and ask the broker to drop the task if it has not started yet."""
@@ -80,6 +95,10 @@ class TaskFuture(Future[T]):
             return False
         self._client._request_cancel([self.task_id], terminate=False)
         return True
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Only as an argument of a submitted task: a reference to this task's result."""
+        return self._client._dependency_reference(self)
 
     def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self).__await__()
@@ -128,6 +147,15 @@ class Client(Executor):
         self._outgoing: deque[p.TaskSpec] = deque()
         self._cancels: deque[tuple[list[str], bool]] = deque()
         self._lock = threading.Lock()
+        # dependencies (under _lock): referring tasks not yet acknowledged, per dependency;
+        # dependencies whose Delivered waits for those; each dependent's dependency futures
+        self._pins: dict[str, int] = {}
+        self._held: set[str] = set()
+        self._deps_of: dict[str, list[TaskFuture[Any]]] = {}
+        self._unpinned: deque[str] = deque()
+        # schedule and unschedule requests awaiting the broker's answer, by ack id
+        self._control: dict[str, tuple[p.Message, Future[None], float]] = {}
+        self._control_out: deque[p.Message] = deque()
         self._closed = False
         self._wake_flag = False
         self._wake_r, self._wake_w = os.pipe()
@@ -174,29 +202,93 @@ class Client(Executor):
             raise RuntimeError("cannot submit to a closed taskmesh Client")
         display = name or callable_name(fn)
         timeout = options.timeout
-        spec = p.TaskSpec(
-            f"{self.client_id}-{next(self._ids)}",
-            display,
-            options.queue,
-            fn_blob if fn_blob is not None else dumps_function(fn),
-            dumps_call(display, args, kwargs),
-            options.priority,
-            None if timeout is None else float(timeout),
-            options.retries,
-            options.max_attempts,
-            float(options.countdown),
-            options.key,
-            float(options.retry_backoff),
-            options.retry_names,
-            options.rate_per_s,
-        )
-        self._check_size(spec)
+        task_id = f"{self.client_id}-{next(self._ids)}"
+        found: list[TaskFuture[Any]] = []
+        try:
+            spec = p.TaskSpec(
+                task_id,
+                display,
+                options.queue,
+                fn_blob if fn_blob is not None else dumps_function(fn),
+                dumps_call(display, args, kwargs, found),
+                options.priority,
+                None if timeout is None else float(timeout),
+                options.retries,
+                options.max_attempts,
+                float(options.countdown),
+                options.key,
+                float(options.retry_backoff),
+                options.retry_names,
+                options.rate_per_s,
+                tuple(dict.fromkeys(f.task_id for f in found)),
+                options.route,
+            )
+            self._check_size(spec)
+        except DependencyFailed as exc:  # a dependency had already failed: never sent
+            _release(found)
+            failed: TaskFuture[Any] = TaskFuture(task_id, display, self)
+            failed.set_exception(DependencyFailed(f"task {display} [{task_id}] did not run: {exc}"))
+            return failed
+        except BaseException:
+            _release(found)
+            raise
         future: TaskFuture[Any] = TaskFuture(spec.task_id, display, self)
         with self._lock:  # with _resync: a future is always either queued or unacked
             self._futures[spec.task_id] = future
             self._outgoing.append(spec)
+            if found:
+                self._deps_of[spec.task_id] = found
         self._wake()
         return future
+
+    def _dependency_reference(self, future: TaskFuture[Any]) -> tuple[Any, ...]:
+        """How a future of this client pickles inside a call: its value if it has finished,
+        else a reference the broker resolves (and a pin on its outcome until then)."""
+        found = dependency_collector()
+        if found is None:
+            raise TypeError(
+                "a TaskFuture can only be pickled as an argument of a submitted task, "
+                "where it stands for that task's result"
+            )
+        with self._lock:
+            seen = future._seen
+            finished_here = seen is None and future.done() and not future.cancelled()
+            if seen is None and not finished_here:
+                self._pins[future.task_id] = self._pins.get(future.task_id, 0) + 1
+        if seen is not None:
+            ok, value = load_outcome(seen, future.name)
+        elif finished_here:
+            exc = future.exception()
+            ok, value = (True, future.result()) if exc is None else (False, exc)
+        else:
+            found.append(future)
+            return (dependency_value, (future.task_id,))
+        if ok:
+            return (passthrough, (value,))
+        what = "was cancelled" if isinstance(value, CancelledError) else "failed"
+        raise DependencyFailed(
+            f"its dependency {future.name} [{future.task_id}] {what}: "
+            f"{type(value).__name__}: {value}"
+        )
+
+    def _unpin(self, task_id: str) -> None:
+        """A task that refers to this one has been acknowledged (or has failed here)."""
+        with self._lock:
+            left = self._pins.get(task_id, 0) - 1
+            if left > 0:
+                self._pins[task_id] = left
+                return
+            self._pins.pop(task_id, None)
+            if task_id not in self._held:
+                return
+        self._unpinned.append(task_id)
+        self._wake()
+
+    def _release_dependencies(self, task_id: str) -> None:
+        with self._lock:
+            found = self._deps_of.pop(task_id, None)
+        if found:
+            _release(found)
 
     def map(
         self,
@@ -251,6 +343,81 @@ class Client(Executor):
                 Future.cancel(future)
         if ids:
             self._request_cancel(ids, terminate)
+
+    def schedule(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Have the broker run ``fn(*args, **kwargs)`` every ``every`` (seconds or a
+        ``timedelta``; ticks fall on multiples of it since the epoch, UTC) or on a ``cron``
+        line (UTC). Registering the same ``name`` again replaces the call and keeps the clock.
+        Returns the name; blocks until the broker has it."""
+        overrides = split_call_options(kwargs)
+        base = getattr(fn, "options", None)
+        options = (base if isinstance(base, TaskOptions) else DEFAULT_OPTIONS).merged(overrides)
+        every_s, rule = periodic_rule(every, cron)
+        display = getattr(fn, "name", None) or callable_name(fn)
+        found: list[TaskFuture[Any]] = []
+        try:
+            args_blob = dumps_call(display, args, kwargs, found)
+        finally:
+            _release(found)
+        if found:
+            raise TypeError("a periodic task's arguments cannot be futures of other tasks")
+        template = p.TaskSpec(
+            "template",
+            display,
+            options.queue,
+            dumps_function(fn),
+            args_blob,
+            options.priority,
+            None if options.timeout is None else float(options.timeout),
+            options.retries,
+            options.max_attempts,
+            0.0,
+            options.key,
+            float(options.retry_backoff),
+            options.retry_names,
+            options.rate_per_s,
+            (),
+            options.route,
+        )
+        self._check_size(template)
+        label = name or display
+        periodic = p.PeriodicTask(label, every_s, rule, template)
+        self._control_request(f"schedule:{label}", p.Schedule([periodic]))
+        return label
+
+    def unschedule(self, name: str) -> None:
+        """Stop a periodic task; ``TaskmeshError`` if the broker has none by that name."""
+        self._control_request(f"schedule:{name}", p.Unschedule([name]))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """The broker's periodic tasks: rule, next and last run, runs, ticks skipped."""
+        found: list[dict[str, Any]] = self.status().get("schedules", [])
+        return found
+
+    def _control_request(self, ack_id: str, message: p.Message) -> None:
+        if self._closed:
+            raise RuntimeError("cannot use a closed taskmesh Client")
+        waiter: Future[None] = Future()
+        with self._lock:
+            self._control[ack_id] = (message, waiter, time.monotonic())
+        self._control_out.append(message)
+        self._wake()
+        waiter.result(timeout=self.config.connect_timeout_s + 5.0)
+
+    def _answer_control(self, ack_id: str, error: BaseException | None) -> None:
+        with self._lock:
+            entry = self._control.pop(ack_id, None)
+        if entry is not None:
+            _settle(entry[1], error is None, error)
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """One status snapshot from the broker."""
@@ -390,6 +557,14 @@ class Client(Executor):
             ids, terminate = self._cancels.popleft()
             self._send(p.Cancel(ids, terminate))
             sent = True
+        while self._control_out:
+            self._send(self._control_out.popleft())
+            sent = True
+        if self._unpinned:
+            released = self._released_deliveries()
+            if released:
+                self._send(p.Delivered(released))
+                sent = True
         return sent
 
     def _receive(self, now: float) -> None:
@@ -417,6 +592,9 @@ class Client(Executor):
         elif isinstance(msg, p.Ack):
             for task_id in msg.task_ids:
                 self._unacked.pop(task_id, None)
+                self._release_dependencies(task_id)
+                if task_id.startswith("schedule:"):
+                    self._answer_control(task_id, None)
         elif isinstance(msg, p.Welcome):
             if not self._connected:
                 log.debug("connected to broker %s at %s", msg.broker_id, self.broker)
@@ -432,6 +610,9 @@ class Client(Executor):
                 self._resync()
         elif isinstance(msg, p.Error) and msg.code == "forbidden" and not msg.task_ids:
             self._refuse(f"the broker refused this key: {msg.message}")
+        elif isinstance(msg, p.Error) and msg.task_ids and msg.task_ids[0].startswith("schedule:"):
+            for ack_id in msg.task_ids:  # the caller gets it as an exception: no log line
+                self._answer_control(ack_id, TaskmeshError(msg.message))
         elif isinstance(msg, p.Error):
             log.error("broker refused a message: %s: %s", msg.code, msg.message)
             error: TaskmeshError = ProtocolError(
@@ -452,21 +633,55 @@ class Client(Executor):
         if hb != self.config.heartbeat:
             self.config = replace(self.config, heartbeat=hb)
 
+    def _claim_outcomes(
+        self, outcomes: list[p.Outcome]
+    ) -> tuple[list[tuple[TaskFuture[Any], p.Outcome]], list[str]]:
+        """Take arrived outcomes off the books: their futures, and the ids the broker may
+        forget now (not those a task on its way still refers to: they are held back)."""
+        arrived: list[tuple[TaskFuture[Any], p.Outcome]] = []
+        delivered = []
+        with self._lock:
+            for outcome in outcomes:
+                task_id = outcome.task_id
+                future = self._futures.pop(task_id, None)
+                if future is not None:
+                    future._seen = outcome  # from now on it pickles as its value
+                    arrived.append((future, outcome))
+                if task_id in self._pins:
+                    self._held.add(task_id)
+                else:
+                    delivered.append(task_id)
+        return arrived, delivered
+
+    def _released_deliveries(self) -> list[str]:
+        """Held-back ids that nothing on its way refers to any more."""
+        released = []
+        with self._lock:
+            while self._unpinned:
+                task_id = self._unpinned.popleft()
+                if task_id in self._held and task_id not in self._pins:
+                    self._held.discard(task_id)
+                    released.append(task_id)
+        return released
+
     def _resolve(self, outcomes: list[p.Outcome]) -> None:
+        arrived, delivered = self._claim_outcomes(outcomes)
         # the broker may forget these tasks now; a resent copy is harmless (first one wins)
-        self._send(p.Delivered([o.task_id for o in outcomes]))
+        if delivered:
+            self._send(p.Delivered(delivered))
         for outcome in outcomes:
             self._unacked.pop(outcome.task_id, None)
-            with self._lock:
-                future = self._futures.pop(outcome.task_id, None)
-            if future is None or future.done():
-                continue  # already resolved (or cancelled locally): outcomes count once
+        for future, outcome in arrived:
+            self._release_dependencies(outcome.task_id)
+            if future.done():
+                continue  # cancelled locally: outcomes count once
             ok, value = load_outcome(outcome, future.name)
             _settle(future, ok, value)
 
     def _settle_id(self, task_id: str, ok: bool, value: Any) -> None:
         with self._lock:
             future = self._futures.pop(task_id, None)
+        self._release_dependencies(task_id)
         if future is not None:
             _settle(future, ok, value)
 
@@ -482,6 +697,10 @@ class Client(Executor):
         unacked = [spec for _, spec in self._unacked.values()]
         for i in range(0, len(unacked), _MAX_BATCH):
             self._send(p.Submit(unacked[i : i + _MAX_BATCH]))
+        with self._lock:
+            controls = [message for message, _, _ in self._control.values()]
+        for message in controls:  # a (un)schedule is idempotent: say it again
+            self._send(message)
         for i in range(0, len(watched), 10_000):
             self._send(p.Watch(watched[i : i + 10_000]))
 
@@ -503,6 +722,21 @@ class Client(Executor):
         self._resync()
 
     def _expire_unacked(self, now: float) -> None:
+        if self._control:
+            with self._lock:
+                late = [
+                    k
+                    for k, (_, _, at) in self._control.items()
+                    if now - at > self.config.connect_timeout_s
+                ]
+            for ack_id in late:
+                self._answer_control(
+                    ack_id,
+                    BrokerUnavailable(
+                        f"no broker answered within {self.config.connect_timeout_s:g}s at "
+                        f"{self.broker}: " + _check_hint(self._watch.hint, self._curve is not None)
+                    ),
+                )
         if not self._unacked:
             return
         limit = self.config.connect_timeout_s
@@ -523,8 +757,19 @@ class Client(Executor):
         with self._lock:
             futures = list(self._futures.values())
             self._futures.clear()
+            controls = list(self._control.values())
+            self._control.clear()
         for future in futures:
+            self._release_dependencies(future.task_id)
             _settle(future, False, error)
+        for _, waiter, _ in controls:
+            _settle(waiter, False, error)
+
+
+def _release(found: list[TaskFuture[Any]]) -> None:
+    """The task that referred to these futures is acknowledged or failed: unpin them."""
+    for future in found:
+        future._client._unpin(future.task_id)
 
 
 def _settle(future: Future[Any], ok: bool, value: Any) -> None:

@@ -6,6 +6,7 @@
     ├── TaskTimeout          the task ran past its time limit; its executor was killed
     ├── WorkerLost           the task's workers died max_attempts times (poison-task protection)
     ├── TaskCancelled        the task was cancelled before it produced an outcome
+    ├── DependencyFailed     a task this one depends on failed or was cancelled: it never ran
     ├── TaskLost             the broker has no record of the task (restarted without a journal)
     ├── BrokerUnavailable    no broker answered in time, or the address is unusable
     ├── ProtocolError        a peer sent a message taskmesh cannot accept
@@ -36,6 +37,11 @@ class WorkerLost(TaskmeshError):
 
 class TaskCancelled(TaskmeshError, CancelledError):
     """The task was cancelled before it produced an outcome (also a ``CancelledError``)."""
+
+
+class DependencyFailed(TaskmeshError):
+    """A task given as an argument (a ``TaskFuture``) failed or was cancelled, so the task
+    that depends on it never ran. The message names the failed task and its error."""
 
 
 class TaskLost(TaskmeshError):
@@ -79,6 +85,7 @@ class RemoteError(TaskmeshError):
 __all__ = [
     "AuthenticationError",
     "BrokerUnavailable",
+    "DependencyFailed",
     "ProtocolError",
     "RemoteError",
     "SerializationError",

@@ -31,13 +31,14 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
 
 from taskmesh.protocol import Status
-from taskmesh.serialize import dumps_value, qualified_name
+from taskmesh.serialize import dependency_values, dumps_value, qualified_name
 
 _FN_CACHE_SIZE = 256
 #: blobs larger than this cross the pipe as raw out-of-band buffers, not inside a pickle
@@ -88,7 +89,12 @@ class _FunctionCache:
 
 
 def run_task(
-    cache: _FunctionCache, task_id: str, name: str, fn_blob: bytes, args_blob: bytes
+    cache: _FunctionCache,
+    task_id: str,
+    name: str,
+    fn_blob: bytes,
+    args_blob: bytes,
+    deps: Sequence[tuple[str, Any]] = (),
 ) -> tuple[int, bytes, ErrorTuple | None]:
     """Run one task and classify how it ended. Never raises."""
     try:
@@ -96,7 +102,13 @@ def run_task(
     except BaseException as exc:
         return _load_failure(f"could not load the function of task {name} [{task_id}]", exc)
     try:
-        args, kwargs = pickle.loads(args_blob)
+        if deps:
+            # the results of the tasks this call refers to, for its references to resolve to
+            values = {dep_id: pickle.loads(blob) for dep_id, blob in deps}
+            with dependency_values(values):
+                args, kwargs = pickle.loads(args_blob)
+        else:
+            args, kwargs = pickle.loads(args_blob)
     except BaseException as exc:
         return _load_failure(f"could not unpickle the arguments of task {name} [{task_id}]", exc)
     try:
@@ -211,11 +223,11 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
             batch = recv_message(conn)
         except (EOFError, OSError):
             return
-        for seq, task_id, name, fn_blob, args_blob in batch:
+        for seq, task_id, name, fn_blob, args_blob, deps in batch:
             started = clock()
             progress[PROGRESS_STARTED] = started
             progress[PROGRESS_SEQ] = seq
-            status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args_blob)
+            status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args_blob, deps)
             finished = clock()
             progress[PROGRESS_SEQ] = IDLE
             outbox.add((seq, status, out_of_band(value), error, finished - started))

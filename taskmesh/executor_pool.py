@@ -218,10 +218,10 @@ class ExecutorPool:
             room = depth - len(ex.tasks)
             if room <= 0 or ex.kill_reason is not None:
                 continue
-            batch: list[tuple[int, str, str, Any, Any]] = []
+            batch: list[tuple[int, str, str, Any, Any, Any]] = []
             while self.backlog and room > 0:
                 task = self.backlog[0]
-                large = len(task.fn) + len(task.args) > LARGE_BLOB
+                large = len(task.fn) + len(task.args) + _deps_size(task) > LARGE_BLOB
                 if large and (ex.tasks or batch):
                     # a big payload only goes to an idle executor, alone: writing it to a busy
                     # one would block this loop (and its heartbeats) until that one reads it
@@ -236,6 +236,7 @@ class ExecutorPool:
                         task.name,
                         out_of_band(task.fn),
                         out_of_band(task.args),
+                        tuple((dep_id, out_of_band(value)) for dep_id, value in task.deps),
                     )
                 )
                 room -= 1
@@ -414,3 +415,7 @@ class ExecutorPool:
                     ex.kill(p.Status.CANCELLED, seq)
                 else:
                     ex.cancelled.add(seq)  # queued in its pipe: report it cancelled when done
+
+
+def _deps_size(task: p.Assignment) -> int:
+    return sum(len(value) for _, value in task.deps) if task.deps else 0

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from taskmesh.histogram import Histogram
 from taskmesh.protocol import (
     Outcome,
+    PeriodicTask,
     TaskSpec,
     pack_outcome,
+    pack_periodic,
     pack_task,
     unpack_outcome,
+    unpack_periodic,
     unpack_task,
 )
 
@@ -56,6 +59,17 @@ class FinishedTask:
     seq: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StoredSchedule:
+    """A periodic task and where its clock stands; written in the same transaction as the run
+    it just submitted, so a restart neither repeats nor loses a tick."""
+
+    periodic: PeriodicTask
+    next_at: float  # wall time of the next tick
+    runs: int = 0
+    skipped: int = 0  # ticks passed over by the catch-up rule
+
+
 @dataclass(slots=True)
 class JournalBatch:
     """Everything one broker loop iteration changed, written in one transaction."""
@@ -64,9 +78,13 @@ class JournalBatch:
     requeued: list[tuple[str, int, int, float | None]] = field(default_factory=list)
     finished: list[FinishedTask] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    # by name: the schedule's new state, or None once it is removed; applied in order
+    schedules: list[tuple[str, StoredSchedule | None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.submitted or self.requeued or self.finished or self.forgotten)
+        return bool(
+            self.submitted or self.requeued or self.finished or self.forgotten or self.schedules
+        )
 
     def extend(self, other: JournalBatch) -> None:
         """Append a later batch: applying the result equals applying both in order."""
@@ -74,12 +92,14 @@ class JournalBatch:
         self.requeued.extend(other.requeued)
         self.finished.extend(other.finished)
         self.forgotten.extend(other.forgotten)
+        self.schedules.extend(other.schedules)
 
 
 @dataclass(frozen=True, slots=True)
 class Recovery:
     pending: list[PendingTask]
     finished: list[FinishedTask]
+    schedules: list[StoredSchedule] = field(default_factory=list)
 
 
 class Journal(ABC):
@@ -123,6 +143,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS schedules (
+    name     TEXT PRIMARY KEY,
+    periodic BLOB NOT NULL,
+    next_at  REAL NOT NULL,
+    runs     INTEGER NOT NULL DEFAULT 0,
+    skipped  INTEGER NOT NULL DEFAULT 0
+);
 """
 
 SCHEMA_VERSION = "1"
@@ -176,7 +203,15 @@ class SqliteJournal(Journal):
                     )
             except Exception as exc:  # one corrupt row must not stop the broker from starting
                 log.error("journal: skipping unreadable task %s: %s", task_id, exc)
-        return Recovery(pending, finished)
+        schedules: list[StoredSchedule] = []
+        for name, periodic, next_at, runs, skipped in self._db.execute(
+            "SELECT name, periodic, next_at, runs, skipped FROM schedules ORDER BY name"
+        ):
+            try:
+                schedules.append(StoredSchedule(unpack_periodic(periodic), next_at, runs, skipped))
+            except Exception as exc:
+                log.error("journal: skipping unreadable schedule %s: %s", name, exc)
+        return Recovery(pending, finished, schedules)
 
     def write(self, batch: JournalBatch) -> None:
         if not batch:
@@ -220,6 +255,20 @@ class SqliteJournal(Journal):
                 db.executemany(
                     "DELETE FROM tasks WHERE task_id = ?", [(t,) for t in batch.forgotten]
                 )
+            for name, stored in batch.schedules:
+                if stored is None:
+                    db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?)",
+                        (
+                            name,
+                            pack_periodic(stored.periodic),
+                            stored.next_at,
+                            stored.runs,
+                            stored.skipped,
+                        ),
+                    )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

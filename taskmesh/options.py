@@ -4,10 +4,12 @@ decorated, a per-call override when it is given, so the submit hot path checks n
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from taskmesh.config import DEFAULT_QUEUE
+from taskmesh.periodic import CronRule
+from taskmesh.scheduler import Route
 from taskmesh.serialize import qualified_name
 
 #: per-call options: leading underscore so they never collide with the user's keyword arguments
@@ -24,6 +26,7 @@ CALL_OPTIONS = frozenset(
         "_key",
         "_rate_limit",
         "_eta",
+        "_route",
     }
 )
 
@@ -42,6 +45,9 @@ class TaskOptions:
     countdown: float = 0.0
     key: str | None = None
     rate_limit: str | float | None = None  # "100/s", "30/m", "5/h", or runs per second
+    route: str | None = None  # a routing strategy for this task; None: its queue's
+    every: float | timedelta | None = None  # periodic: run this often (see Task.schedule)
+    cron: str | None = None  # periodic: run on this cron line (UTC)
     retry_names: tuple[str, ...] = field(init=False, default=())
     rate_per_s: float | None = field(init=False, default=None)
 
@@ -64,6 +70,10 @@ class TaskOptions:
             raise ValueError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
         if self.key is not None and not isinstance(self.key, str):
             raise TypeError(f"key must be a string, got {self.key!r}")
+        if self.route is not None and self.route not in _ROUTES:
+            raise ValueError(f"route must be one of {', '.join(_ROUTES)}; got {self.route!r}")
+        if self.every is not None or self.cron is not None:
+            periodic_rule(self.every, self.cron)
         retry_on: Any = self.retry_on
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -85,6 +95,25 @@ class TaskOptions:
 
 
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_ROUTES = tuple(str(r) for r in Route)
+
+
+def periodic_rule(
+    every: float | timedelta | None, cron: str | None
+) -> tuple[float | None, str | None]:
+    """Check a periodic rule: exactly one of an interval (seconds or timedelta) and a cron line.
+    Returns ``(every_s, cron)``."""
+    if (every is None) == (cron is None):
+        raise ValueError("a periodic task needs exactly one of every= and cron=")
+    if cron is not None:
+        CronRule.parse(cron)  # raises CronError (a ValueError) naming the bad field
+        return None, cron
+    seconds = every.total_seconds() if isinstance(every, timedelta) else every
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ValueError(
+            f"every must be a positive number of seconds or a timedelta, got {every!r}"
+        )
+    return float(seconds), None
 
 
 def parse_rate(rate: str | float | None) -> float | None:

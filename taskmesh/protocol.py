@@ -51,6 +51,8 @@ class Kind(enum.IntEnum):
     WATCH = 0x05
     BYE = 0x06
     DELIVERED = 0x07
+    SCHEDULE = 0x08
+    UNSCHEDULE = 0x09
     # worker -> broker
     READY = 0x21
     CREDIT = 0x22
@@ -82,6 +84,7 @@ class Status(enum.IntEnum):
     WORKER_LOST = 4  # broker -> producer: lost max_attempts times
     CANCELLED = 5
     UNKNOWN = 6  # the broker has no record of the task
+    DEPENDENCY_FAILED = 7  # broker -> producer: a dependency failed; the task never ran
 
 
 _STATUSES = {int(s): s for s in Status}
@@ -202,6 +205,8 @@ class TaskSpec:
     retry_backoff_s: float = 0.0
     retry_on: tuple[str, ...] = ()  # qualified exception names; empty means any exception
     rate_limit: float | None = None  # runs per second of this task name, across all workers
+    deps: tuple[str, ...] = ()  # task ids whose results the args refer to (by persistent id)
+    route: str | None = None  # a routing strategy for this task; None: its queue's
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
         fn, args = self.fn, self.args
@@ -220,12 +225,14 @@ class TaskSpec:
             self.retry_backoff_s,
             list(self.retry_on),
             self.rate_limit,
+            list(self.deps),
+            self.route,
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
         # the common case checked in one expression; anything unusual takes the careful path
-        if type(value) is list and len(value) == 14:
+        if type(value) is list and len(value) == 16:
             (
                 task_id,
                 name,
@@ -241,6 +248,8 @@ class TaskSpec:
                 bo,
                 on,
                 rl,
+                deps,
+                route,
             ) = value
             if (
                 type(task_id) is str
@@ -260,6 +269,8 @@ class TaskSpec:
                 and bo == 0
                 and on == []
                 and rl is None
+                and deps == []
+                and route is None
             ):
                 # names repeat across millions of tasks: keep one copy of each
                 return cls(task_id, intern(name), intern(queue), fn, args, prio, None, 0, attempts)
@@ -267,7 +278,9 @@ class TaskSpec:
 
     @classmethod
     def _from_wire_checked(cls, value: Any, blobs: _BlobReader) -> TaskSpec:
-        f = _arity(value, 14, "task")
+        if type(value) is list and len(value) == 14:
+            value = [*value, [], None]  # stored before dependencies and per-task routes
+        f = _arity(value, 16, "task")
         max_attempts = _int(f[8], "task.max_attempts")
         retries = _int(f[7], "task.retries")
         if max_attempts < 1 or retries < 0:
@@ -287,6 +300,8 @@ class TaskSpec:
             retry_backoff_s=_float(f[11], "task.retry_backoff_s"),
             retry_on=tuple(_str_list(f[12], "task.retry_on")),
             rate_limit=_opt_float(f[13], "task.rate_limit"),
+            deps=tuple(_str_list(f[14], "task.deps")),
+            route=_opt_str(f[15], "task.route"),
         )
         if not spec.queue or not spec.task_id:
             raise ProtocolError("task: task_id and queue must be non-empty")
@@ -309,6 +324,8 @@ class Assignment:
     args: Blob
     attempt: int
     timeout_s: float | None
+    # (task id, pickled result) of each dependency, for the args' persistent ids
+    deps: tuple[tuple[str, Blob], ...] = ()
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
         fn, args = self.fn, self.args
@@ -319,12 +336,13 @@ class Assignment:
             args if len(args) <= blobs.inline_max else blobs.put(args),
             self.attempt,
             self.timeout_s,
+            [[dep_id, blobs.put(value)] for dep_id, value in self.deps],
         ]
 
     @classmethod
     def from_wire(cls, value: Any, blobs: _BlobReader) -> Assignment:
-        if type(value) is list and len(value) == 6:
-            task_id, name, fn, args, attempt, timeout = value
+        if type(value) is list and len(value) == 7:
+            task_id, name, fn, args, attempt, timeout, deps = value
             if (
                 type(task_id) is str
                 and type(name) is str
@@ -332,9 +350,10 @@ class Assignment:
                 and type(args) is bytes
                 and type(attempt) is int
                 and (timeout is None or type(timeout) is float)
+                and deps == []
             ):
                 return cls(task_id, name, fn, args, attempt, timeout)
-        f = _arity(value, 6, "assignment")
+        f = _arity(value, 7, "assignment")
         return cls(
             task_id=_str(f[0], "assignment.task_id"),
             name=_str(f[1], "assignment.name"),
@@ -342,6 +361,10 @@ class Assignment:
             args=blobs.get(f[3], "assignment.args"),
             attempt=_int(f[4], "assignment.attempt"),
             timeout_s=_opt_float(f[5], "assignment.timeout_s"),
+            deps=tuple(
+                (_str(d[0], "assignment.deps.id"), blobs.get(d[1], "assignment.deps.value"))
+                for d in (_arity(d, 2, "assignment.deps") for d in _list(f[6], "assignment.deps"))
+            ),
         )
 
 
@@ -467,6 +490,52 @@ class Delivered:
 
     KIND: ClassVar[Kind] = Kind.DELIVERED
     task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicTask:
+    """A task the broker submits itself on a rule: every ``every_s`` seconds or on a ``cron``
+    line (UTC), each tick a copy of ``template`` under a task id derived from the tick."""
+
+    name: str
+    every_s: float | None
+    cron: str | None
+    template: TaskSpec
+
+    def to_wire(self, blobs: _BlobWriter) -> list[Any]:
+        return [self.name, self.every_s, self.cron, self.template.to_wire(blobs)]
+
+    @classmethod
+    def from_wire(cls, value: Any, blobs: _BlobReader) -> PeriodicTask:
+        f = _arity(value, 4, "periodic")
+        periodic = cls(
+            name=_str(f[0], "periodic.name"),
+            every_s=_opt_float(f[1], "periodic.every_s"),
+            cron=_opt_str(f[2], "periodic.cron"),
+            template=TaskSpec.from_wire(f[3], blobs),
+        )
+        if not periodic.name or (periodic.every_s is None) == (periodic.cron is None):
+            raise ProtocolError("periodic: a name and exactly one of every_s and cron")
+        if periodic.every_s is not None and not periodic.every_s > 0:
+            raise ProtocolError("periodic: every_s must be > 0")
+        return periodic
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Add (or replace, by name) periodic tasks; the broker answers ``Ack`` with
+    ``schedule:NAME`` ids, or ``Error`` naming them."""
+
+    KIND: ClassVar[Kind] = Kind.SCHEDULE
+    periodic: list[PeriodicTask]
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedule:
+    """Remove periodic tasks by name; answered like ``Schedule``."""
+
+    KIND: ClassVar[Kind] = Kind.UNSCHEDULE
+    names: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +687,8 @@ Message: TypeAlias = (
     | StatusRequest
     | Watch
     | Delivered
+    | Schedule
+    | Unschedule
     | Bye
     | Ready
     | Credit
@@ -638,7 +709,7 @@ Message: TypeAlias = (
 
 #: Which kinds each side may send, by signature. The broker sends a peer the same signature.
 PRODUCER_SENDS = frozenset({Kind.HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.WATCH})
-PRODUCER_SENDS |= {Kind.DELIVERED, Kind.BYE, Kind.HEARTBEAT}
+PRODUCER_SENDS |= {Kind.DELIVERED, Kind.SCHEDULE, Kind.UNSCHEDULE, Kind.BYE, Kind.HEARTBEAT}
 WORKER_SENDS = frozenset(
     {Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.RELEASE, Kind.DISCONNECT, Kind.HEARTBEAT}
 )
@@ -656,6 +727,8 @@ def _encode_body(msg: Message, blobs: _BlobWriter) -> list[Any]:
         return [[o.to_wire(blobs) for o in msg.outcomes], msg.credit]
     if isinstance(msg, Outcomes):
         return [[o.to_wire(blobs) for o in msg.outcomes]]
+    if isinstance(msg, Schedule):
+        return [[s.to_wire(blobs) for s in msg.periodic]]
     return [getattr(msg, f.name) for f in dataclasses.fields(msg)]
 
 
@@ -678,6 +751,7 @@ _simple(Cancel, _str_list, _bool)
 _simple(StatusRequest)
 _simple(Watch, _str_list)
 _simple(Delivered, _str_list)
+_simple(Unschedule, _str_list)
 _simple(Bye)
 _simple(Ready, _str, _str, _str, _int, _str_list, _int, _int, _str_list, _float)
 _simple(Credit, _int)
@@ -743,6 +817,9 @@ def _decode_body(kind: Kind, body: Any, blobs: _BlobReader) -> Message:
     if kind is Kind.OUTCOMES:
         (items,) = _arity(body, 1, "OUTCOMES")
         return Outcomes([Outcome.from_wire(o, blobs) for o in _list(items, "OUTCOMES.outcomes")])
+    if kind is Kind.SCHEDULE:
+        (items,) = _arity(body, 1, "SCHEDULE")
+        return Schedule([PeriodicTask.from_wire(s, blobs) for s in _list(items, "SCHEDULE")])
     cls, checks = _SIMPLE[kind]
     values = _arity(body, len(checks), kind.name)
     fields = [
@@ -781,3 +858,12 @@ def pack_outcome(outcome: Outcome) -> bytes:
 
 def unpack_outcome(data: bytes) -> Outcome:
     return Outcome.from_wire(msgpack.unpackb(data, raw=False), _BlobReader(()))
+
+
+def pack_periodic(periodic: PeriodicTask) -> bytes:
+    packed: bytes = msgpack.packb(periodic.to_wire(_BlobWriter(_INLINE_ALL)), use_bin_type=True)
+    return packed
+
+
+def unpack_periodic(data: bytes) -> PeriodicTask:
+    return PeriodicTask.from_wire(msgpack.unpackb(data, raw=False), _BlobReader(()))

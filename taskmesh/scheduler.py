@@ -18,11 +18,20 @@ Delivery rules kept here:
 - After a restart, recovered tasks wait one liveness period before they are queued again, so
   that workers still running them can re-register (``Ready.held``) and claim them: a broker
   restart does not make a task run twice.
+- A task whose arguments refer to other tasks (``TaskSpec.deps``) waits until they have all
+  succeeded, then runs with their results; if one fails or is cancelled, it fails with
+  ``DEPENDENCY_FAILED`` naming that task (and so on down the chain). A dependency's outcome is
+  kept, even once delivered to its producer, until every task that refers to it has finished.
+- A periodic task is submitted by the broker itself, once per tick, under a task id derived
+  from the tick; the run and the schedule's next tick are journaled together, so a restart
+  neither repeats nor loses a tick. Ticks missed while the broker was down are coalesced into
+  one run (see ``taskmesh.periodic``).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import hashlib
 import heapq
@@ -34,7 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskmesh.histogram import Histogram
-from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery
+from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery, StoredSchedule
+from taskmesh.periodic import CronError, CronRule, format_every, latest_tick, next_tick
 from taskmesh.protocol import (
     PRODUCER,
     WORKER,
@@ -53,23 +63,27 @@ from taskmesh.protocol import (
     Message,
     Outcome,
     Outcomes,
+    PeriodicTask,
     Ready,
     Reconnect,
     Release,
     Results,
     ResultsAck,
+    Schedule,
     Status,
     StatusReply,
     StatusRequest,
     Submit,
     Tasks,
     TaskSpec,
+    Unschedule,
     Watch,
     Welcome,
 )
 
 
 class TaskState(enum.StrEnum):
+    WAITING = "waiting"  # for the tasks its arguments refer to
     PENDING = "pending"
     DELAYED = "delayed"
     RUNNING = "running"
@@ -135,6 +149,7 @@ class TaskRecord:
         "started_at",
         "state",
         "submitted_at",
+        "waiting",
         "worker_id",
     )
 
@@ -154,6 +169,7 @@ class TaskRecord:
         # its live entry in a queue heap (while pending) or in the delayed heap (while delayed)
         self.entry: tuple[float, int, str] | None = None
         self.cancel_requested = False  # terminate asked while running: never run it again
+        self.waiting = 0  # dependencies not finished yet (while WAITING)
 
 
 class WorkerRecord:
@@ -207,11 +223,39 @@ class ProducerRecord:
         self.last_seen = now
 
 
+class ScheduleRecord:
+    """A periodic task, its parsed rule and its clock (wall seconds)."""
+
+    __slots__ = ("last_run_at", "last_task_id", "next_at", "periodic", "rule", "runs", "skipped")
+
+    def __init__(self, periodic: PeriodicTask, rule: CronRule | None, next_at: float) -> None:
+        self.periodic = periodic
+        self.rule = rule
+        self.next_at = next_at
+        self.runs = 0
+        self.skipped = 0
+        self.last_run_at: float | None = None
+        self.last_task_id = ""
+
+    def stored(self) -> StoredSchedule:
+        return StoredSchedule(self.periodic, self.next_at, self.runs, self.skipped)
+
+
 class QueueStats:
-    __slots__ = ("delayed", "done", "failed", "pending", "requeued", "running", "submitted")
+    __slots__ = (
+        "delayed",
+        "done",
+        "failed",
+        "pending",
+        "requeued",
+        "running",
+        "submitted",
+        "waiting",
+    )
 
     def __init__(self) -> None:
         self.submitted = 0
+        self.waiting = 0
         self.requeued = 0
         self.delayed = 0
         self.pending = 0
@@ -227,6 +271,13 @@ _WORKER_LOST_MRO = (
     "Exception",
     "BaseException",
 )
+_DEPENDENCY_FAILED_MRO = (
+    "taskmesh.errors.DependencyFailed",
+    "taskmesh.errors.TaskmeshError",
+    "Exception",
+    "BaseException",
+)
+_ROUTED_HEAP = "\0"  # separates a queue's name from a per-task route in a heap's name
 #: what a worker may report; WORKER_LOST and UNKNOWN are the broker's own verdicts
 _WORKER_STATUSES = frozenset(
     {Status.OK, Status.ERROR, Status.TIMEOUT, Status.LOST, Status.CANCELLED}
@@ -294,6 +345,14 @@ class Scheduler:
         self._buckets: dict[str, tuple[float, float]] = {}  # task name -> (tokens, refilled at)
         self._rings: dict[str, tuple[frozenset[str], list[tuple[int, str]]]] = {}
         self._immediate: list[Send] = []
+        # dependencies: task id -> ids of the tasks waiting for it (stale ids are skipped);
+        # task id -> how many unfinished tasks refer to it (its outcome is kept until 0)
+        self._dependents: dict[str, list[str]] = {}
+        self._pins: dict[str, int] = {}
+        self._forget_later: set[str] = set()  # delivered or expired while pinned
+        self._settled: list[str] = []  # finished tasks whose dependents are still to be told
+        self._settling = False
+        self.schedules: dict[str, ScheduleRecord] = {}
 
     # ------------------------------------------------------------------ entry points
 
@@ -324,6 +383,7 @@ class Scheduler:
             else:
                 sends.append(Send(producer.address, PRODUCER, Heartbeat()))
         self._release_delayed(now)
+        self._run_schedules(now)
         self._expire(now)
         return sends
 
@@ -354,8 +414,13 @@ class Scheduler:
         return sends
 
     def next_deadline(self, now: float) -> float | None:
-        """When the earliest delayed task becomes due, if any."""
-        return self._delayed[0][0] if self._delayed else None
+        """When the earliest delayed task or periodic tick becomes due, if any."""
+        due = self._delayed[0][0] if self._delayed else None
+        if self.schedules:
+            tick = min(s.next_at for s in self.schedules.values()) - self.wall_offset
+            if tick != float("inf"):
+                due = tick if due is None else min(due, tick)
+        return due
 
     # ------------------------------------------------------------------ producers
 
@@ -380,6 +445,10 @@ class Scheduler:
             self._watch(producer, msg.task_ids)
         elif isinstance(msg, Delivered):
             self._delivered(msg.task_ids)
+        elif isinstance(msg, Schedule):
+            return self._schedule(producer, msg.periodic, now)
+        elif isinstance(msg, Unschedule):
+            return self._unschedule(producer, msg.names)
         elif isinstance(msg, Bye):
             self._peers.pop(address, None)
             del self.producers[producer.client_id]
@@ -415,19 +484,223 @@ class Scheduler:
                 if existing.outcome is not None:
                     self._deliver(existing, existing.outcome)
                 continue
-            record = TaskRecord(spec, producer.client_id, next(self._seq), now)
-            self.tasks[spec.task_id] = record
-            self.counters["submitted"] += 1
-            self._stats(spec.queue).submitted += 1
-            not_before = None
-            if spec.countdown_s > 0:
-                not_before = now + spec.countdown_s + self.wall_offset
-                self._delay(record, now + spec.countdown_s)
-            else:
-                self._enqueue(record, now)
-            self.journal.submitted.append(
-                PendingTask(spec, producer.client_id, record.seq, 0, 0, not_before)
+            self._add_task(spec, producer.client_id, now)
+
+    def _add_task(self, spec: TaskSpec, client_id: str, now: float) -> None:
+        record = TaskRecord(spec, client_id, next(self._seq), now)
+        self.tasks[spec.task_id] = record
+        self.counters["submitted"] += 1
+        self._stats(spec.queue).submitted += 1
+        not_before = None
+        if spec.countdown_s > 0:
+            not_before = now + spec.countdown_s + self.wall_offset
+        self.journal.submitted.append(PendingTask(spec, client_id, record.seq, 0, 0, not_before))
+        if spec.deps and self._await_dependencies(record, now):
+            return
+        self._place(record, now)
+
+    def _place(self, record: TaskRecord, now: float) -> None:
+        """Queue a new (or no longer waiting) task, or hold it until its countdown ends."""
+        ready_at = record.submitted_at + record.spec.countdown_s
+        if ready_at > now:
+            self._delay(record, ready_at)
+        else:
+            self._enqueue(record, now)
+
+    # ------------------------------------------------------------------ dependencies
+
+    def _await_dependencies(self, record: TaskRecord, now: float) -> bool:
+        """Hold a task until the tasks its arguments refer to have succeeded. True when it is
+        held (WAITING), or already failed because one of them did."""
+        task_id = record.spec.task_id
+        waiting = 0
+        failed: tuple[str, TaskRecord | None] | None = None
+        for dep_id in record.spec.deps:
+            self._pins[dep_id] = self._pins.get(dep_id, 0) + 1
+            dep = self.tasks.get(dep_id) if dep_id != task_id else None
+            if dep is not None and dep.state is TaskState.DONE:
+                continue
+            if dep is None or dep.state in TERMINAL:
+                failed = failed or (dep_id, dep)
+                continue
+            waiting += 1
+            self._dependents.setdefault(dep_id, []).append(task_id)
+        if failed is not None:
+            self._dependency_failed(record, *failed, now)
+            return True
+        if waiting:
+            record.state = TaskState.WAITING
+            record.waiting = waiting
+            self.stats[record.spec.queue].waiting += 1
+            return True
+        return False
+
+    def _dependency_failed(
+        self, record: TaskRecord, dep_id: str, dep: TaskRecord | None, now: float
+    ) -> None:
+        spec = record.spec
+        what = f"task {spec.name} [{spec.task_id}] did not run: its dependency"
+        if dep is None:
+            message = (
+                f"{what} [{dep_id}] is unknown to the broker (submitted elsewhere, or its "
+                "outcome was delivered and forgotten before this task arrived)"
             )
+        elif dep.state is TaskState.CANCELLED:
+            message = f"{what} {dep.spec.name} [{dep_id}] was cancelled"
+        else:
+            error = dep.outcome.error if dep.outcome is not None else None
+            reason = f": {error.type_name}: {error.message}" if error is not None else ""
+            message = f"{what} {dep.spec.name} [{dep_id}] failed{reason}"
+        info = ErrorInfo("taskmesh.errors.DependencyFailed", message, "", _DEPENDENCY_FAILED_MRO)
+        outcome = Outcome(spec.task_id, Status.DEPENDENCY_FAILED, b"", info)
+        self._finish(record, outcome, TaskState.FAILED, now)
+
+    def _tell_dependents(self, now: float) -> None:
+        """Release or fail the tasks waiting for the tasks just finished. A worklist, not
+        recursion: failing one task may fail a long chain behind it."""
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._settled:
+                dep = self.tasks.get(self._settled.pop())
+                if dep is None:
+                    continue
+                for task_id in self._dependents.pop(dep.spec.task_id, ()):
+                    record = self.tasks.get(task_id)
+                    if record is None or record.state is not TaskState.WAITING:
+                        continue  # cancelled or failed already
+                    if dep.state is TaskState.DONE:
+                        record.waiting -= 1
+                        if record.waiting == 0:
+                            self._leave_state(record)
+                            self._place(record, now)
+                    else:
+                        self._leave_state(record)
+                        self._dependency_failed(record, dep.spec.task_id, dep, now)
+        finally:
+            self._settling = False
+
+    def _unpin(self, dep_ids: Iterable[str]) -> None:
+        """A task that referred to these has finished: forget those already delivered."""
+        for dep_id in dep_ids:
+            left = self._pins.get(dep_id, 0) - 1
+            if left > 0:
+                self._pins[dep_id] = left
+                continue
+            self._pins.pop(dep_id, None)
+            if dep_id in self._forget_later:
+                self._forget_later.discard(dep_id)
+                self._forget(dep_id)
+
+    def _forget(self, task_id: str) -> None:
+        """Drop a finished task (the journal too), unless a waiting task still needs it."""
+        self._retired.pop(task_id, None)
+        if task_id in self._pins:
+            self._forget_later.add(task_id)
+            return
+        record = self.tasks.get(task_id)
+        if record is not None and record.state in TERMINAL:
+            del self.tasks[task_id]
+            self.journal.forgotten.append(task_id)
+
+    # ------------------------------------------------------------------ periodic tasks
+
+    def _schedule(
+        self, producer: ProducerRecord, periodic: Iterable[PeriodicTask], now: float
+    ) -> list[Send]:
+        replies: list[Send] = []
+        acks = self._out_acks.setdefault(producer.client_id, [])
+        wall = now + self.wall_offset
+        for item in periodic:
+            ack_id = f"schedule:{item.name}"
+            try:
+                rule = CronRule.parse(item.cron) if item.cron is not None else None
+            except CronError as exc:
+                replies.append(
+                    Send(producer.address, PRODUCER, Error("bad-schedule", str(exc), [ack_id]))
+                )
+                continue
+            if item.template.deps:
+                replies.append(
+                    Send(
+                        producer.address,
+                        PRODUCER,
+                        Error(
+                            "bad-schedule", "a periodic task cannot depend on other tasks", [ack_id]
+                        ),
+                    )
+                )
+                continue
+            old = self.schedules.get(item.name)
+            same_rule = old is not None and (old.periodic.every_s, old.periodic.cron) == (
+                item.every_s,
+                item.cron,
+            )
+            if old is not None and same_rule:
+                old.periodic = item  # a new function or options; the clock goes on
+                record = old
+            else:
+                first = next_tick(item.every_s, rule, wall)
+                if first is None:
+                    replies.append(
+                        Send(
+                            producer.address,
+                            PRODUCER,
+                            Error("bad-schedule", "no next tick", [ack_id]),
+                        )
+                    )
+                    continue
+                record = self.schedules[item.name] = ScheduleRecord(item, rule, first)
+                self._notice(
+                    logging.INFO, "periodic task %s scheduled (%s)", item.name, _rule_text(item)
+                )
+            self.journal.schedules.append((item.name, record.stored()))
+            acks.append(ack_id)
+        return replies
+
+    def _unschedule(self, producer: ProducerRecord, names: Iterable[str]) -> list[Send]:
+        acks = self._out_acks.setdefault(producer.client_id, [])
+        unknown = []
+        for name in names:
+            if self.schedules.pop(name, None) is None:
+                unknown.append(f"schedule:{name}")
+                continue
+            self.journal.schedules.append((name, None))
+            self._notice(logging.INFO, "periodic task %s removed", name)
+            acks.append(f"schedule:{name}")
+        if not unknown:
+            return []
+        message = f"no periodic task named {', '.join(n[9:] for n in unknown)}"
+        return [Send(producer.address, PRODUCER, Error("unknown-schedule", message, unknown))]
+
+    def _run_schedules(self, now: float) -> None:
+        """Submit a run for each periodic task whose tick has come: one run, for the latest
+        tick passed, however many passed while the broker was down."""
+        wall = now + self.wall_offset
+        for record in self.schedules.values():
+            if record.next_at > wall:
+                continue
+            periodic = record.periodic
+            tick_at, skipped = latest_tick(periodic.every_s, record.rule, record.next_at, wall)
+            following = next_tick(periodic.every_s, record.rule, wall)
+            task_id = f"periodic:{periodic.name}:{round(tick_at * 1000)}"
+            if task_id not in self.tasks:
+                spec = _with_task_id(periodic.template, task_id)
+                self._add_task(spec, "", now)
+                record.runs += 1
+            if skipped:
+                record.skipped += skipped
+                self._notice(
+                    logging.WARNING,
+                    "periodic task %s: %d tick(s) missed while the broker was down; ran once",
+                    periodic.name,
+                    skipped + 1,
+                )
+            record.last_run_at = tick_at
+            record.last_task_id = task_id
+            record.next_at = following if following is not None else float("inf")
+            self.journal.schedules.append((periodic.name, record.stored()))
 
     def _cancel(self, task_ids: Iterable[str], terminate: bool, now: float) -> None:
         aborts: dict[str, list[str]] = {}
@@ -452,9 +725,7 @@ class Scheduler:
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None and record.state in TERMINAL:
-                del self.tasks[task_id]
-                self._retired.pop(task_id, None)
-                self.journal.forgotten.append(task_id)
+                self._forget(task_id)
 
     def _watch(self, producer: ProducerRecord, task_ids: Iterable[str]) -> None:
         for task_id in task_ids:
@@ -743,9 +1014,10 @@ class Scheduler:
         record.worker_id = None
         record.queued_at = now
         spec = record.spec
-        heap = self._queues.get(spec.queue)
+        name = spec.queue if spec.route is None else self._routed_heap(spec.queue, spec.route)
+        heap = self._queues.get(name)
         if heap is None:
-            heap = self._queues[spec.queue] = []
+            heap = self._queues[name] = []
         aging = self.config.priority_aging_s
         # with aging, a fixed key still: a task that has waited `aging` seconds longer than
         # another is worth one priority level more, so low priorities are never starved
@@ -755,6 +1027,19 @@ class Scheduler:
         heapq.heappush(heap, entry)
         self.stats[spec.queue].pending += 1
         self._dirty = True
+
+    def _routed_heap(self, queue: str, route_name: str) -> str:
+        """The heap of a queue's tasks that asked for a route of their own (``_route=``):
+        dispatched by that strategy among the queue's workers."""
+        try:
+            route = Route(route_name)
+        except ValueError:
+            return queue  # an unknown strategy: the queue's own (producers check names)
+        if self.routes.get(queue, Route.LEAST_LOADED) is route:
+            return queue
+        name = f"{queue}{_ROUTED_HEAP}{route}"
+        self.routes.setdefault(name, route)
+        return name
 
     def _delay(self, record: TaskRecord, ready_at: float) -> None:
         record.state = TaskState.DELAYED
@@ -777,6 +1062,8 @@ class Scheduler:
         elif record.state is TaskState.DELAYED:
             self.stats[record.spec.queue].delayed -= 1
             record.entry = None
+        elif record.state is TaskState.WAITING:
+            self.stats[record.spec.queue].waiting -= 1
 
     def _finish(
         self,
@@ -823,6 +1110,11 @@ class Scheduler:
             )
         )
         self._deliver(record, outcome)
+        if record.spec.deps:
+            self._unpin(record.spec.deps)
+        if record.spec.task_id in self._dependents:
+            self._settled.append(record.spec.task_id)
+            self._tell_dependents(now)
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
         self._out_outcomes.setdefault(record.client_id, []).append(outcome)
@@ -843,11 +1135,7 @@ class Scheduler:
                 break
             expired.append(task_id)
         for task_id in expired:
-            del self._retired[task_id]
-            record = self.tasks.get(task_id)
-            if record is not None and record.state in TERMINAL:
-                del self.tasks[task_id]
-                self.journal.forgotten.append(task_id)
+            self._forget(task_id)
 
     def _forget_address(self, address: bytes, now: float) -> None:
         peer = self._peers.pop(address, None)
@@ -865,10 +1153,9 @@ class Scheduler:
     def _dispatch(self, now: float) -> None:
         """Hand pending tasks to workers with credit: routed queues by their strategy, the
         rest least-loaded (most free credit first)."""
-        for queue, route in self.routes.items():
-            stats = self.stats.get(queue)
-            if stats is not None and stats.pending:
-                self._dispatch_routed(queue, route, now)
+        for heap_name, route in list(self.routes.items()):
+            if self._queues.get(heap_name):
+                self._dispatch_routed(heap_name, route, now)
         routed = self.routes
         candidates = [
             (-w.credit, len(w.running), w.seq, w.worker_id)
@@ -892,23 +1179,24 @@ class Scheduler:
             if worker.credit > 0:
                 heapq.heappush(candidates, (-worker.credit, running + 1, seq, worker_id))
 
-    def _dispatch_routed(self, queue: str, route: Route, now: float) -> None:
+    def _dispatch_routed(self, heap_name: str, route: Route, now: float) -> None:
         """Task by task: the strategy picks the worker; a task whose worker has no credit now
         (key affinity) waits, and the tasks behind it go on."""
+        queue = heap_name.partition(_ROUTED_HEAP)[0]
         eligible = sorted(
             (w for w in self.workers.values() if queue in w.queues), key=lambda w: w.seq
         )
         parked: list[TaskRecord] = []
         while len(parked) < 1000 and any(w.credit > 0 for w in eligible):
-            record = self._pop_best((queue,), now)
+            record = self._pop_best((heap_name,), now)
             if record is None:
                 break
-            worker = self._choose(queue, route, record, eligible)
+            worker = self._choose(heap_name, route, record, eligible)
             if worker is None:
                 parked.append(record)
                 continue
             self._start(record, worker, now)
-        heap = self._queues[queue]
+        heap = self._queues[heap_name]
         for record in parked:  # still pending, under their old entries
             if record.entry is not None:
                 heapq.heappush(heap, record.entry)
@@ -1006,10 +1294,21 @@ class Scheduler:
         self.queue_wait.observe(now - record.queued_at)
         worker.credit -= 1
         worker.running.add(spec.task_id)
+        deps: tuple[tuple[str, bytes | memoryview], ...] = ()
+        if spec.deps:
+            deps = tuple(self._dependency_values(spec.deps))
         assignment = Assignment(
-            spec.task_id, spec.name, spec.fn, spec.args, record.attempt, spec.timeout_s
+            spec.task_id, spec.name, spec.fn, spec.args, record.attempt, spec.timeout_s, deps
         )
         self._out_tasks.setdefault(worker.worker_id, []).append(assignment)
+
+    def _dependency_values(
+        self, dep_ids: Iterable[str]
+    ) -> Iterable[tuple[str, bytes | memoryview]]:
+        for dep_id in dict.fromkeys(dep_ids):
+            dep = self.tasks.get(dep_id)
+            if dep is not None and dep.outcome is not None:  # pinned: always there
+                yield dep_id, dep.outcome.value
 
     # ------------------------------------------------------------------ durability
 
@@ -1026,6 +1325,7 @@ class Scheduler:
         """
         grace = 2 * self.config.heartbeat_interval_s * self.config.heartbeat_liveness
         max_seq = -1
+        recovered: list[tuple[TaskRecord, float]] = []
         for item in recovery.pending:
             record = TaskRecord(item.spec, item.client_id, item.seq, now)
             record.lost = item.lost
@@ -1036,7 +1336,7 @@ class Scheduler:
             ready_at = now + grace
             if item.not_before is not None:
                 ready_at = max(ready_at, item.not_before - self.wall_offset)
-            self._delay(record, ready_at)
+            recovered.append((record, ready_at))
             max_seq = max(max_seq, item.seq)
         retired: list[tuple[float, str]] = []
         for done in recovery.finished:
@@ -1049,6 +1349,21 @@ class Scheduler:
             max_seq = max(max_seq, done.seq)
         self._retired = {task_id: at for at, task_id in sorted(retired)}
         self._seq = itertools.count(max_seq + 1)
+        # every task is known now: a dependent waits again, or (its grace passed) is queued
+        for record, ready_at in recovered:
+            if record.state is TaskState.PENDING and not (
+                record.spec.deps and self._await_dependencies(record, now)
+            ):
+                self._delay(record, ready_at)
+        for stored in recovery.schedules:
+            periodic = stored.periodic
+            try:
+                rule = CronRule.parse(periodic.cron) if periodic.cron is not None else None
+            except CronError:
+                continue
+            schedule = ScheduleRecord(periodic, rule, stored.next_at)
+            schedule.runs, schedule.skipped = stored.runs, stored.skipped
+            self.schedules[periodic.name] = schedule
         self.counters["recovered"] = len(recovery.pending)
         self.counters["recovered_outcomes"] = len(recovery.finished)
 
@@ -1096,6 +1411,7 @@ class Scheduler:
                 "pending": s.pending,
                 "head_wait_s": self._head_wait(name, now),
                 "delayed": s.delayed,
+                "waiting": s.waiting,
                 "running": s.running,
                 "done": s.done,
                 "failed": s.failed,
@@ -1114,7 +1430,26 @@ class Scheduler:
             "recent_failures": list(self.recent_failures),
             "latency": {"queue_wait": self.queue_wait.summary(), "run": self.run_time.summary()},
             "dead_workers": list(self.dead_workers),
+            "schedules": [
+                {
+                    "name": name,
+                    "task": r.periodic.template.name,
+                    "queue": r.periodic.template.queue,
+                    "rule": _rule_text(r.periodic),
+                    "next_at": r.next_at if r.next_at != float("inf") else None,
+                    "last_run_at": r.last_run_at,
+                    "last_task_id": r.last_task_id,
+                    "last_state": self._state_of(r.last_task_id),
+                    "runs": r.runs,
+                    "skipped": r.skipped,
+                }
+                for name, r in sorted(self.schedules.items())
+            ],
         }
+
+    def _state_of(self, task_id: str) -> str | None:
+        record = self.tasks.get(task_id) if task_id else None
+        return None if record is None else str(record.state)
 
 
 def _strip_payload(spec: TaskSpec) -> TaskSpec:
@@ -1133,7 +1468,19 @@ def _strip_payload(spec: TaskSpec) -> TaskSpec:
         spec.retry_backoff_s,
         spec.retry_on,
         spec.rate_limit,
+        spec.deps,
+        spec.route,
     )
+
+
+def _with_task_id(template: TaskSpec, task_id: str) -> TaskSpec:
+    return dataclasses.replace(template, task_id=task_id, countdown_s=0.0)
+
+
+def _rule_text(periodic: PeriodicTask) -> str:
+    if periodic.cron is not None:
+        return f"cron {periodic.cron}"
+    return f"every {format_every(periodic.every_s or 0.0)}"
 
 
 def _retryable(spec: TaskSpec, error: ErrorInfo | None) -> bool:

@@ -7,14 +7,17 @@ Functions from importable modules travel by reference: the worker imports the mo
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
 
 from taskmesh.errors import (
+    DependencyFailed,
     RemoteError,
     SerializationError,
     TaskCancelled,
@@ -86,13 +89,69 @@ def dumps_value(value: Any) -> bytes:
     return blob
 
 
-def dumps_call(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-    """Pickle a call's arguments; on failure name the argument that cannot travel."""
+# --------------------------------------------------------------------------- dependencies
+# A TaskFuture among a call's arguments (at any depth) pickles as a reference to its task
+# (``TaskFuture.__reduce__``): the broker holds the call until that task has succeeded and hands
+# the worker its pickled result, which ``dependency_values`` makes the reference resolve to.
+
+_local = threading.local()
+
+
+def dependency_collector() -> list[Any] | None:
+    """The futures referred to by the call being pickled in this thread (None outside one)."""
+    found: list[Any] | None = getattr(_local, "deps", None)
+    return found
+
+
+@contextlib.contextmanager
+def collecting_dependencies(found: list[Any]) -> Iterator[None]:
+    previous = getattr(_local, "deps", None)
+    _local.deps = found
+    try:
+        yield
+    finally:
+        _local.deps = previous
+
+
+@contextlib.contextmanager
+def dependency_values(values: Mapping[str, Any]) -> Iterator[None]:
+    """On a worker: what each dependency's reference unpickles to while a call is loaded."""
+    previous = getattr(_local, "values", None)
+    _local.values = values
+    try:
+        yield
+    finally:
+        _local.values = previous
+
+
+def dependency_value(task_id: str) -> Any:
+    """Unpickling a reference to another task's result (see ``TaskFuture.__reduce__``)."""
+    values: Mapping[str, Any] | None = getattr(_local, "values", None)
+    if values is None or task_id not in values:
+        raise LookupError(f"the result of task [{task_id}] did not come with this call")
+    return values[task_id]
+
+
+def passthrough(value: Any) -> Any:
+    """Unpickling a dependency that had already finished when its dependent was submitted."""
+    return value
+
+
+def dumps_call(
+    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], deps: list[Any] | None = None
+) -> bytes:
+    """Pickle a call's arguments; on failure name the argument that cannot travel. The futures
+    found among the arguments are appended to ``deps``."""
+    if deps is not None:
+        with collecting_dependencies(deps):
+            return dumps_call(name, args, kwargs)
     try:
         if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
             return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)
         blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
         return blob
+    except DependencyFailed:
+        raise
     except Exception as exc:
         culprit = _find_unpicklable(args, kwargs)
         raise SerializationError(
@@ -135,6 +194,8 @@ def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
         return False, WorkerLost(message or f"task {name} [{outcome.task_id}] was lost")
     if status is Status.CANCELLED:
         return False, TaskCancelled(message or f"task {name} [{outcome.task_id}] was cancelled")
+    if status is Status.DEPENDENCY_FAILED:
+        return False, DependencyFailed(message or f"a dependency of task {name} failed")
     if status is Status.UNKNOWN:
         return False, TaskLost(
             f"the broker has no record of task {name} [{outcome.task_id}]: it restarted without "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -27,18 +28,51 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
             f"{w['heartbeat_age_s']:.1f}s ago",
         )
     queues = Table(title="queues", title_justify="left")
-    for column in ("queue", "pending", "running", "done", "failed"):
+    for column in ("queue", "pending", "waiting", "running", "done", "failed"):
         queues.add_column(column, justify="left" if column == "queue" else "right")
     for q in snapshot.get("queues", []):
         queues.add_row(
-            q["name"], str(q["pending"]), str(q["running"]), str(q["done"]), str(q["failed"])
+            q["name"],
+            str(q["pending"]),
+            str(q.get("waiting", 0)),
+            str(q["running"]),
+            str(q["done"]),
+            str(q["failed"]),
         )
     counters = Table(title="counters", title_justify="left")
     counters.add_column("counter")
     counters.add_column("value", justify="right")
     for key, value in sorted(snapshot.get("counters", {}).items()):
         counters.add_row(key, str(value))
-    return [workers, queues, counters]
+    tables = [workers, queues, counters]
+    if snapshot.get("schedules"):
+        tables.insert(2, schedules_table(snapshot["schedules"]))
+    return tables
+
+
+def schedules_table(schedules: list[dict[str, Any]]) -> Table:
+    """Periodic tasks: rule, next and last tick (UTC), runs and ticks skipped."""
+    table = Table(title="periodic tasks (UTC)", title_justify="left")
+    for column in ("name", "queue", "rule", "next", "last", "state", "runs", "skipped"):
+        table.add_column(column, justify="right" if column in ("runs", "skipped") else "left")
+    for s in schedules:
+        table.add_row(
+            s["name"],
+            s["queue"],
+            s["rule"],
+            _utc(s.get("next_at")),
+            _utc(s.get("last_run_at")),
+            s.get("last_state") or "",
+            str(s["runs"]),
+            str(s["skipped"]),
+        )
+    return table
+
+
+def _utc(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return time.strftime("%m-%d %H:%M:%S", time.gmtime(at))
 
 
 def failures_table(failures: list[dict[str, Any]]) -> Table:

@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
@@ -74,6 +75,28 @@ class Task(Generic[P, R]):
             self, args, kwargs, options, name=self.name, fn_blob=self._blob
         )
         return future
+
+    def schedule(self, *args: Any, _client: Client | None = None, **kwargs: Any) -> str:
+        """Register this task with the broker as periodic, by its ``every=`` or ``cron=``
+        (``@task(every=timedelta(minutes=5))``), called with these arguments at each tick.
+        Idempotent: registering again replaces the arguments and keeps the schedule's clock.
+        Options may be given as for ``submit`` (``_queue=``...), and ``_name=`` to register
+        the same task more than once."""
+        if self.options.every is None and self.options.cron is None:
+            raise ValueError(
+                f"task {self.name} has no schedule: declare it as @task(every=...) or "
+                "@task(cron=...), or use Client.schedule(fn, every=..., cron=...)"
+            )
+        name = kwargs.pop("_name", None)
+        target: Client = _client if _client is not None else default_client()
+        return target.schedule(
+            self, *args, every=self.options.every, cron=self.options.cron, name=name, **kwargs
+        )
+
+    def unschedule(self, _client: Client | None = None, _name: str | None = None) -> None:
+        """Stop this periodic task (registered under its name, or ``_name``)."""
+        target: Client = _client if _client is not None else default_client()
+        target.unschedule(_name or self.name)
 
     def map(
         self, *iterables: Iterable[Any], timeout: float | None = None, client: Client | None = None
@@ -140,6 +163,9 @@ def task(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
     rate_limit: str | float | None = None,
+    route: str | None = None,
+    every: float | timedelta | None = None,
+    cron: str | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -155,13 +181,19 @@ def task(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     max_attempts: int = 3,
     rate_limit: str | float | None = None,
+    route: str | None = None,
+    every: float | timedelta | None = None,
+    cron: str | None = None,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make a function a taskmesh task: ``@task`` or ``@task(queue="cpu", retries=2, ...)``.
 
     ``retries`` re-runs a task that raised (``retry_on`` limits which exceptions count) after
     ``retry_backoff * 2**n`` seconds with jitter, scheduled by the broker; ``max_attempts``
     bounds the runs lost to dead workers or executors; ``rate_limit`` ("100/s", "30/m") caps
-    how often the broker starts this task, across all workers.
+    how often the broker starts this task, across all workers; ``route`` picks a routing
+    strategy for this task within its queue (``"round-robin"``, ``"key"``...). ``every``
+    (seconds or a ``timedelta``) or ``cron`` (a five-field line, UTC) declare a periodic task,
+    which ``.schedule()`` registers with the broker.
     """
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
@@ -174,6 +206,9 @@ def task(
         retry_on=tuple(retry_on),
         max_attempts=max_attempts,
         rate_limit=rate_limit,
+        route=route,
+        every=every,
+        cron=cron,
     )
     if fn is not None:
         return Task(fn, options)

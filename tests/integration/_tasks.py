@@ -105,3 +105,11 @@ def gated(x: int, gate: str) -> tuple[int, str]:
         time.sleep(0.02)
     (folder / f"done__{me}").touch()
     return x * x, worker_name()
+
+
+def record_tick(path: str) -> float:
+    """Append the time of this run to ``path`` (one line per run): what a periodic task did."""
+    now = time.time()
+    with open(path, "a") as f:
+        f.write(f"{now:.3f}\n")
+    return now

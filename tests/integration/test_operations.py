@@ -93,6 +93,18 @@ def test_key_affinity_route(make_mesh) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(60)
+def test_a_task_can_bring_its_own_route(make_mesh) -> None:  # type: ignore[no-untyped-def]
+    mesh: Mesh = make_mesh(workers=3, concurrency=1)  # the queue itself is least-loaded
+    with mesh.client() as client:
+        for key in ("user-1", "user-2"):
+            futures = [client.submit(where, key, _route="key", _key=key) for _ in range(8)]
+            names = {f.result(timeout=20) for f in futures}
+            assert len(names) == 1, (key, names)
+        with pytest.raises(ValueError, match="route must be one of"):
+            client.submit(where, "x", _route="nearest")
+
+
+@pytest.mark.timeout(60)
 def test_rate_limit_holds_across_workers(make_mesh) -> None:  # type: ignore[no-untyped-def]
     mesh: Mesh = make_mesh(workers=2, concurrency=2)
     with mesh.client() as client:

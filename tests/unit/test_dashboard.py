@@ -246,6 +246,7 @@ def test_wide_screen_shows_every_column_and_section() -> None:
         "1,234",
         "12.5s",
         "3",
+        "0",  # waiting: this snapshot predates dependencies
         "5",
         "455",
         "4",
