@@ -4,11 +4,13 @@
     python examples/mapreduce_wordcount.py DOCS/      # every *.txt under DOCS/
     TASKMESH_BROKER=tcp://host:5555 python examples/mapreduce_wordcount.py   # your own mesh
 
-Map: one task per file, returning a ``collections.Counter`` of its words. Reduce: the counters
-are summed here as their futures complete (``taskmesh.as_completed``), so the first files are
-folded in while the last ones are still being counted. The text itself travels with each task,
-so the workers need no access to the folder, and the script checks the result against a local
-count of the same files. It exits 0 only if both agree.
+Map: one task per file, returning a ``collections.Counter`` of its words. Reduce: a tree of
+``merge`` tasks, each given the *futures* of up to eight map (or merge) tasks as its argument.
+Nothing waits here between the steps: the broker holds each merge until the tasks it refers to
+have succeeded, then hands it their results, so the whole graph is submitted at once and the
+first merges run while the last files are still being counted. The text itself travels with
+each task, so the workers need no access to the folder, and the script checks the result
+against a local count of the same files. It exits 0 only if both agree.
 """
 
 from __future__ import annotations
@@ -28,10 +30,33 @@ from taskmesh.testing import connected
 WORD = re.compile(r"[a-z']+")
 
 
+FAN_IN = 8  # inputs per merge task
+
+
 @task(retries=1, timeout=30.0)
 def count_words(text: str) -> Counter[str]:
     """The map step: the words of one document (lower case), with their counts."""
     return Counter(WORD.findall(text.lower()))
+
+
+@task(timeout=30.0)
+def merge(counts: list[Counter[str]]) -> Counter[str]:
+    """The reduce step: on the worker, ``counts`` holds the results of the tasks whose futures
+    were passed in."""
+    total: Counter[str] = Counter()
+    for count in counts:
+        total.update(count)
+    return total
+
+
+def reduce_tree(
+    futures: list[taskmesh.TaskFuture[Counter[str]]],
+) -> taskmesh.TaskFuture[Counter[str]]:
+    """Submit merges of FAN_IN futures at a time, level by level, down to one future."""
+    level = futures
+    while len(level) > 1:
+        level = [merge.submit(level[i : i + FAN_IN]) for i in range(0, len(level), FAN_IN)]
+    return level[0] if futures else merge.submit([])
 
 
 def make_corpus(folder: Path, n_files: int = 40, seed: int = 7) -> None:
@@ -62,17 +87,17 @@ def word_count(folder: Path) -> int:
 
     with connected():
         started = time.monotonic()
-        futures = {count_words.submit(text): path for path, text in texts.items()}
-        total: Counter[str] = Counter()
-        for future in taskmesh.as_completed(futures, timeout=60):
-            total.update(future.result())  # the reduce step, as results arrive
+        mapped = [count_words.submit(text) for text in texts.values()]
+        final = reduce_tree(mapped)  # the whole graph is submitted before any result is back
+        total = final.result(timeout=60)
         elapsed = time.monotonic() - started
+        merges = merge_count(len(mapped))
 
     expected: Counter[str] = Counter()
     for text in texts.values():
         expected.update(count_words(text))  # a plain local call of the same function
 
-    print(f"map: {len(futures)} tasks, reduce: here, in {elapsed:.2f}s")
+    print(f"map: {len(mapped)} tasks, reduce: {merges} merge tasks, in {elapsed:.2f}s")
     print(f"{total.total():,} words, {len(total):,} distinct; the most common:")
     for word, n in total.most_common(8):
         print(f"  {word:<12} {n:>7,}")
@@ -82,6 +107,15 @@ def word_count(folder: Path) -> int:
         return 1
     print(f"word count OK: {total.total():,} words, the same as the local count")
     return 0
+
+
+def merge_count(n: int) -> int:
+    """How many merge tasks reduce_tree submits for n inputs."""
+    merges = 0
+    while n > 1:
+        n = -(-n // FAN_IN)
+        merges += n
+    return merges
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ EXAMPLES = sorted(path.name for path in EXAMPLES_DIR.glob("*.py"))
 KEY_LINES = {
     "mapreduce_wordcount.py": "word count OK: ",
     "monte_carlo_pi.py": "pi OK: within 0.005 of math.pi",
+    "periodic_report.py": "periodic OK: 3 runs, schedule removed",
     "progress_bar.py": "progress OK: 300 of 300 done",
     "quickstart.py": "100 futures done",
     "retries_and_failures.py": "every failure was handled as expected",
