@@ -187,7 +187,7 @@ class _BlobReader:
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, on every task
 class TaskSpec:
     """One task as a producer submits it."""
 
@@ -314,7 +314,7 @@ class TaskSpec:
         return spec
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, on every task
 class Assignment:
     """One task as the broker hands it to a worker."""
 
@@ -391,7 +391,7 @@ class ErrorInfo:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, on every task
 class Outcome:
     """How one task ended: worker -> broker in ``Results``, broker -> producer in ``Outcomes``."""
 

@@ -142,13 +142,14 @@ def dumps_call(
 ) -> bytes:
     """Pickle a call's arguments; on failure name the argument that cannot travel. The futures
     found among the arguments are appended to ``deps``."""
-    if deps is not None:
-        with collecting_dependencies(deps):
-            return dumps_call(name, args, kwargs)
     try:
         if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
-            return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)
-        blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
+            return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)  # holds no future
+        if deps is None:
+            blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
+            return blob
+        with collecting_dependencies(deps):
+            blob = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
         return blob
     except DependencyFailed:
         raise
@@ -161,17 +162,30 @@ def dumps_call(
 
 
 def _find_unpicklable(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-    for i, value in enumerate(args):
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            return f"argument {i} (a {type(value).__name__})"
-    for key, value in kwargs.items():
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            return f"keyword argument {key!r} (a {type(value).__name__})"
-    return "an argument"
+    # futures among the arguments pickle as references here too; their pins are undone after
+    scratch: list[Any] = []
+    try:
+        with collecting_dependencies(scratch):
+            for i, value in enumerate(args):
+                if not _picklable(value):
+                    return f"argument {i} (a {type(value).__name__})"
+            for key, value in kwargs.items():
+                if not _picklable(value):
+                    return f"keyword argument {key!r} (a {type(value).__name__})"
+        return "an argument"
+    finally:
+        for future in scratch:
+            future._client._unpin(future.task_id)
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value)
+    except DependencyFailed:
+        return True  # not this argument's fault: its dependency failed
+    except Exception:
+        return False
+    return True
 
 
 def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
