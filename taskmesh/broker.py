@@ -237,10 +237,11 @@ class Broker:
                     except zmq.Again:
                         break
                     sends.extend(self._on_frames(frames, now))
-            if now >= next_tick or (due is not None and now >= due):
+            if now >= next_tick:
                 sends.extend(self._tick(now))
-                if now >= next_tick:
-                    next_tick = now + interval
+                next_tick = now + interval
+            elif due is not None and now >= due:
+                sched.due(now)  # delayed tasks and periodic ticks: no heartbeats between
             sends.extend(sched.flush(now))
             if sched.notices:
                 for level, message, args in sched.notices:

@@ -687,6 +687,8 @@ def schedule_add(
     """Register (or replace, by name) a periodic task; without --every/--cron the task's own
     @task(every=...) or @task(cron=...) is used."""
     from taskmesh.client import Client
+    from taskmesh.options import periodic_rule
+    from taskmesh.periodic import check_every
 
     try:
         fn = _load_target(target)
@@ -694,21 +696,28 @@ def schedule_add(
         call_kwargs = json.loads(kwargs)
         if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
             raise ValueError("--args takes a JSON list and --kwargs a JSON object")
-        options = getattr(fn, "options", None)
+        if every is not None and cron is not None:
+            raise ValueError("give --every or --cron, not both")
         every_s: float | None = parse_every(every) if every is not None else None
         rule = cron
-        if every_s is None and rule is None and options is not None:
-            from taskmesh.options import periodic_rule
-
-            if options.every is not None or options.cron is not None:
-                every_s, rule = periodic_rule(options.every, options.cron)
+        options = getattr(fn, "options", None)
+        if every_s is None and rule is None:
+            declared = (options.every, options.cron) if options is not None else (None, None)
+            if declared == (None, None):
+                raise ValueError(
+                    f"{target} declares no schedule (@task(every=...) or @task(cron=...)): "
+                    "give --every or --cron"
+                )
+            every_s, rule = periodic_rule(*declared)
+        if every_s is not None:
+            check_every(every_s)  # named as the option here, not as a Python argument
         if queue is not None:
             call_kwargs["_queue"] = queue
         with Client(
             broker, connect_timeout_s=timeout, curve_secret=curve_secret, broker_key=broker_key
         ) as client:
             label = client.schedule(
-                fn, *call_args, every=every_s, cron=rule, name=name, **call_kwargs
+                fn, *call_args, _every=every_s, _cron=rule, _name=name, **call_kwargs
             )
             listed = {s["name"]: s for s in client.schedules()}
     except (TaskmeshError, ValueError, TypeError) as exc:

@@ -154,7 +154,7 @@ class Client(Executor):
         self._deps_of: dict[str, list[TaskFuture[Any]]] = {}
         self._unpinned: deque[str] = deque()
         # schedule and unschedule requests awaiting the broker's answer, by ack id
-        self._control: dict[str, tuple[p.Message, Future[None], float]] = {}
+        self._control: dict[str, tuple[p.Message, list[Future[None]], float]] = {}
         self._control_out: deque[p.Message] = deque()
         self._closed = False
         self._wake_flag = False
@@ -349,15 +349,17 @@ class Client(Executor):
         fn: Callable[..., Any],
         /,
         *args: Any,
-        every: float | timedelta | None = None,
-        cron: str | None = None,
-        name: str | None = None,
+        _every: float | timedelta | None = None,
+        _cron: str | None = None,
+        _name: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Have the broker run ``fn(*args, **kwargs)`` every ``every`` (seconds or a
-        ``timedelta``; ticks fall on multiples of it since the epoch, UTC) or on a ``cron``
-        line (UTC). Registering the same ``name`` again replaces the call and keeps the clock.
-        Returns the name; blocks until the broker has it."""
+        """Have the broker run ``fn(*args, **kwargs)`` every ``_every`` (seconds or a
+        ``timedelta``; ticks fall on multiples of it since the epoch, UTC) or on a ``_cron``
+        line (UTC), under the name ``_name`` (default: the task's name). Registering a name
+        again replaces the call and keeps the clock. Task options as for ``submit``
+        (``_queue=``...). Returns the name once the broker has it."""
+        every, cron, name = _every, _cron, _name
         overrides = split_call_options(kwargs)
         base = getattr(fn, "options", None)
         options = (base if isinstance(base, TaskOptions) else DEFAULT_OPTIONS).merged(overrides)
@@ -408,7 +410,10 @@ class Client(Executor):
             raise RuntimeError("cannot use a closed taskmesh Client")
         waiter: Future[None] = Future()
         with self._lock:
-            self._control[ack_id] = (message, waiter, time.monotonic())
+            _, waiters, _ = self._control.get(ack_id, (message, [], 0.0))
+            # the same name asked twice before an answer: the last request is the one sent
+            # again after a reconnect, and the answer settles both
+            self._control[ack_id] = (message, [*waiters, waiter], time.monotonic())
         self._control_out.append(message)
         self._wake()
         waiter.result(timeout=self.config.connect_timeout_s + 5.0)
@@ -417,7 +422,8 @@ class Client(Executor):
         with self._lock:
             entry = self._control.pop(ack_id, None)
         if entry is not None:
-            _settle(entry[1], error is None, error)
+            for waiter in entry[1]:
+                _settle(waiter, error is None, error)
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """One status snapshot from the broker."""
@@ -762,8 +768,9 @@ class Client(Executor):
         for future in futures:
             self._release_dependencies(future.task_id)
             _settle(future, False, error)
-        for _, waiter, _ in controls:
-            _settle(waiter, False, error)
+        for _, waiters, _ in controls:
+            for waiter in waiters:
+                _settle(waiter, False, error)
 
 
 def _release(found: list[TaskFuture[Any]]) -> None:

@@ -68,6 +68,8 @@ class StoredSchedule:
     next_at: float  # wall time of the next tick
     runs: int = 0
     skipped: int = 0  # ticks passed over by the catch-up rule
+    last_run_at: float | None = None  # wall time of the tick last run
+    last_task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -148,7 +150,9 @@ CREATE TABLE IF NOT EXISTS schedules (
     periodic BLOB NOT NULL,
     next_at  REAL NOT NULL,
     runs     INTEGER NOT NULL DEFAULT 0,
-    skipped  INTEGER NOT NULL DEFAULT 0
+    skipped  INTEGER NOT NULL DEFAULT 0,
+    last_run_at  REAL,
+    last_task_id TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -204,11 +208,16 @@ class SqliteJournal(Journal):
             except Exception as exc:  # one corrupt row must not stop the broker from starting
                 log.error("journal: skipping unreadable task %s: %s", task_id, exc)
         schedules: list[StoredSchedule] = []
-        for name, periodic, next_at, runs, skipped in self._db.execute(
-            "SELECT name, periodic, next_at, runs, skipped FROM schedules ORDER BY name"
+        for name, periodic, next_at, runs, skipped, last_at, last_id in self._db.execute(
+            "SELECT name, periodic, next_at, runs, skipped, last_run_at, last_task_id"
+            " FROM schedules ORDER BY name"
         ):
             try:
-                schedules.append(StoredSchedule(unpack_periodic(periodic), next_at, runs, skipped))
+                schedules.append(
+                    StoredSchedule(
+                        unpack_periodic(periodic), next_at, runs, skipped, last_at, last_id
+                    )
+                )
             except Exception as exc:
                 log.error("journal: skipping unreadable schedule %s: %s", name, exc)
         return Recovery(pending, finished, schedules)
@@ -260,13 +269,15 @@ class SqliteJournal(Journal):
                     db.execute("DELETE FROM schedules WHERE name = ?", (name,))
                 else:
                     db.execute(
-                        "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (
                             name,
                             pack_periodic(stored.periodic),
                             stored.next_at,
                             stored.runs,
                             stored.skipped,
+                            stored.last_run_at,
+                            stored.last_task_id,
                         ),
                     )
             db.execute("COMMIT")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from taskmesh.config import DEFAULT_QUEUE
-from taskmesh.periodic import CronRule
+from taskmesh.periodic import CronRule, check_every
 from taskmesh.scheduler import Route
 from taskmesh.serialize import qualified_name
 
@@ -109,11 +109,9 @@ def periodic_rule(
         CronRule.parse(cron)  # raises CronError (a ValueError) naming the bad field
         return None, cron
     seconds = every.total_seconds() if isinstance(every, timedelta) else every
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise ValueError(
-            f"every must be a positive number of seconds or a timedelta, got {every!r}"
-        )
-    return float(seconds), None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"every must be a number of seconds or a timedelta, got {every!r}")
+    return check_every(seconds), None
 
 
 def parse_rate(rate: str | float | None) -> float | None:

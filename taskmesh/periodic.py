@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -38,8 +39,26 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("month", 1, 12, _MONTHS),
     ("day of week", 0, 7, _DAYS),
 )
-_CATCH_UP_SCAN = 100_000
-_SEARCH_YEARS = 8  # "30 2 29 2 *" (Feb 29) recurs within 8 years; nothing valid is rarer
+_SEARCH_YEARS = 8
+_DIGITS = re.compile(r"[0-9]+")
+#: the shortest and longest interval a periodic task may have
+MIN_EVERY_S = 0.1
+MAX_EVERY_S = 10 * 366 * 86400.0
+#: how far back the catch-up rule looks for a cron rule's latest tick, in widening windows
+_LOOK_BACK_S = (3600.0, 86400.0, 32 * 86400.0, 366 * 86400.0, 8 * 366 * 86400.0)
+_COUNT_CAP = 10_000  # skipped cron ticks are counted up to this many
+
+
+def check_every(every_s: float) -> float:
+    """An interval must be finite and between MIN_EVERY_S and MAX_EVERY_S."""
+    if not (isinstance(every_s, int | float) and math.isfinite(every_s)):
+        raise ValueError(f"a periodic interval must be a finite number of seconds, got {every_s!r}")
+    if not MIN_EVERY_S <= every_s <= MAX_EVERY_S:
+        raise ValueError(
+            f"a periodic interval must be between {MIN_EVERY_S:g} s and ten years, "
+            f"got {every_s:g} s"
+        )
+    return float(every_s)  # "30 2 29 2 *" (Feb 29) recurs within 8 years; nothing valid is rarer
 
 
 class CronError(ValueError):
@@ -59,8 +78,8 @@ class CronRule:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool  # day of month is "*"
-    any_weekday: bool  # day of week is "*"
+    any_day: bool  # day of month starts with "*" (Vixie cron's rule for "either day")
+    any_weekday: bool  # day of week starts with "*"
 
     @classmethod
     def parse(cls, text: str) -> CronRule:
@@ -82,8 +101,8 @@ class CronRule:
             sets[2],
             sets[3],
             weekdays,
-            parts[2] == "*",
-            parts[4] == "*",
+            parts[2].startswith("*"),  # as in Vixie cron: "*/2" leaves the day unrestricted
+            parts[4].startswith("*"),
         )
         if rule.next_after(0.0) is None:
             raise CronError(f"cron line {text!r} never matches a real date")
@@ -93,12 +112,8 @@ class CronRule:
         weekday = (calendar.weekday(year, month, day) + 1) % 7  # Python: Monday=0
         in_month = day in self.days
         in_week = weekday in self.weekdays
-        if self.any_day and self.any_weekday:
-            return True
-        if self.any_day:
-            return in_week
-        if self.any_weekday:
-            return in_month
+        if self.any_day or self.any_weekday:
+            return in_month and in_week  # a "*" field holds every day: the other one decides
         return in_month or in_week
 
     def next_after(self, after: float) -> float | None:
@@ -145,7 +160,7 @@ def _parse_field(
         base, _, step_text = item.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or int(step_text) < 1:
+            if not _DIGITS.fullmatch(step_text) or int(step_text) < 1:
                 raise CronError(f"{name} field {part!r}: step {step_text!r} is not a number >= 1")
             step = int(step_text)
         if base == "*":
@@ -166,7 +181,7 @@ def _value(text: str, name: str, low: int, high: int, names: dict[str, int]) -> 
     key = text.strip().lower()
     if key in names:
         return names[key]
-    if not key.isdigit():
+    if not _DIGITS.fullmatch(key):
         raise CronError(f"{name} field: {text!r} is not a number or a known name")
     value = int(key)
     if not low <= value <= high:
@@ -191,17 +206,42 @@ def latest_tick(
     if every_s is not None and every_s > 0:
         passed = max(0, math.floor((now - first) / every_s))
         return first + passed * every_s, passed
-    latest, passed = first, 0
-    for _ in range(_CATCH_UP_SCAN):  # a minutely rule down for months: stop scanning, close
-        following = cron.next_after(latest) if cron is not None else None
-        if following is None or following > now:
+    if cron is None:
+        return first, 0
+    latest = first
+    for window in _LOOK_BACK_S:  # the latest tick is usually recent: look there first
+        start = max(first, now - window)
+        found = _last_before(cron, start, now)
+        if found is not None:
+            latest = max(latest, found)
             break
-        latest, passed = following, passed + 1
-    return latest, passed
+    return latest, _count_between(cron, first, latest)
+
+
+def _last_before(cron: CronRule, start: float, now: float) -> float | None:
+    """The last tick in ``[start, now]``, or None."""
+    last = None
+    tick = cron.next_after(start - 1.0)
+    while tick is not None and tick <= now:
+        last = tick
+        tick = cron.next_after(tick)
+    return last
+
+
+def _count_between(cron: CronRule, first: float, latest: float) -> int:
+    """Ticks in ``[first, latest)``, counted up to _COUNT_CAP."""
+    count = 0
+    tick: float | None = first
+    while tick is not None and tick < latest and count < _COUNT_CAP:
+        count += 1
+        tick = cron.next_after(tick)
+    return count
 
 
 def format_every(seconds: float) -> str:
     """``every 90s`` as people write it: 1m30s, 2h, 1d."""
+    if not math.isfinite(seconds):
+        return f"{seconds}s"
     whole = int(seconds)
     if whole != seconds or whole == 0:
         return f"{seconds:g}s"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from sys import intern
@@ -516,8 +517,10 @@ class PeriodicTask:
         )
         if not periodic.name or (periodic.every_s is None) == (periodic.cron is None):
             raise ProtocolError("periodic: a name and exactly one of every_s and cron")
-        if periodic.every_s is not None and not periodic.every_s > 0:
-            raise ProtocolError("periodic: every_s must be > 0")
+        if periodic.every_s is not None and not (
+            periodic.every_s > 0 and math.isfinite(periodic.every_s)
+        ):
+            raise ProtocolError("periodic: every_s must be a finite number > 0")
         return periodic
 
 

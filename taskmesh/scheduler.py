@@ -44,7 +44,14 @@ from typing import Any
 
 from taskmesh.histogram import Histogram
 from taskmesh.journal import FinishedTask, JournalBatch, PendingTask, Recovery, StoredSchedule
-from taskmesh.periodic import CronError, CronRule, format_every, latest_tick, next_tick
+from taskmesh.periodic import (
+    CronError,
+    CronRule,
+    check_every,
+    format_every,
+    latest_tick,
+    next_tick,
+)
 from taskmesh.protocol import (
     PRODUCER,
     WORKER,
@@ -238,7 +245,14 @@ class ScheduleRecord:
         self.last_task_id = ""
 
     def stored(self) -> StoredSchedule:
-        return StoredSchedule(self.periodic, self.next_at, self.runs, self.skipped)
+        return StoredSchedule(
+            self.periodic,
+            self.next_at,
+            self.runs,
+            self.skipped,
+            self.last_run_at,
+            self.last_task_id,
+        )
 
 
 class QueueStats:
@@ -366,6 +380,11 @@ class Scheduler:
             replies = self._handle_worker(address, peer, msg, now)
         return replies + self._immediate if self._immediate else replies
 
+    def due(self, now: float) -> None:
+        """What ``next_deadline`` was for: delayed tasks and periodic ticks now due."""
+        self._release_delayed(now)
+        self._run_schedules(now)
+
     def tick(self, now: float) -> list[Send]:
         """Periodic duties: liveness, heartbeats, delayed tasks, retention."""
         sends: list[Send] = []
@@ -382,8 +401,7 @@ class Scheduler:
                 del self.producers[producer.client_id]
             else:
                 sends.append(Send(producer.address, PRODUCER, Heartbeat()))
-        self._release_delayed(now)
-        self._run_schedules(now)
+        self.due(now)
         self._expire(now)
         return sends
 
@@ -538,20 +556,32 @@ class Scheduler:
     def _dependency_failed(
         self, record: TaskRecord, dep_id: str, dep: TaskRecord | None, now: float
     ) -> None:
+        """Fail a task whose dependency did not succeed. The message names that dependency and
+        the root cause (carried down a chain in ``ErrorInfo.traceback``), so it stays short
+        however long the chain."""
         spec = record.spec
         what = f"task {spec.name} [{spec.task_id}] did not run: its dependency"
         if dep is None:
-            message = (
-                f"{what} [{dep_id}] is unknown to the broker (submitted elsewhere, or its "
+            cause = (
+                f"[{dep_id}] is unknown to the broker (submitted elsewhere, or its "
                 "outcome was delivered and forgotten before this task arrived)"
             )
+            message = f"{what} {cause}"
         elif dep.state is TaskState.CANCELLED:
-            message = f"{what} {dep.spec.name} [{dep_id}] was cancelled"
+            cause = f"{dep.spec.name} [{dep_id}] was cancelled"
+            message = f"{what} {cause}"
         else:
             error = dep.outcome.error if dep.outcome is not None else None
-            reason = f": {error.type_name}: {error.message}" if error is not None else ""
-            message = f"{what} {dep.spec.name} [{dep_id}] failed{reason}"
-        info = ErrorInfo("taskmesh.errors.DependencyFailed", message, "", _DEPENDENCY_FAILED_MRO)
+            if dep.outcome is not None and dep.outcome.status is Status.DEPENDENCY_FAILED:
+                cause = error.traceback if error is not None else ""
+                message = (
+                    f"{what} {dep.spec.name} [{dep_id}] did not run either; root cause: {cause}"
+                )
+            else:
+                reason = f": {error.type_name}: {error.message[:300]}" if error is not None else ""
+                cause = f"{dep.spec.name} [{dep_id}] failed{reason}"
+                message = f"{what} {cause}"
+        info = ErrorInfo("taskmesh.errors.DependencyFailed", message, cause, _DEPENDENCY_FAILED_MRO)
         outcome = Outcome(spec.task_id, Status.DEPENDENCY_FAILED, b"", info)
         self._finish(record, outcome, TaskState.FAILED, now)
 
@@ -611,53 +641,39 @@ class Scheduler:
     ) -> list[Send]:
         replies: list[Send] = []
         acks = self._out_acks.setdefault(producer.client_id, [])
-        wall = now + self.wall_offset
         for item in periodic:
             ack_id = f"schedule:{item.name}"
             try:
-                rule = CronRule.parse(item.cron) if item.cron is not None else None
-            except CronError as exc:
-                replies.append(
-                    Send(producer.address, PRODUCER, Error("bad-schedule", str(exc), [ack_id]))
-                )
+                self._add_schedule(item, now)
+            except (CronError, ValueError, OverflowError) as exc:
+                error = Error("bad-schedule", str(exc), [ack_id])
+                replies.append(Send(producer.address, PRODUCER, error))
                 continue
-            if item.template.deps:
-                replies.append(
-                    Send(
-                        producer.address,
-                        PRODUCER,
-                        Error(
-                            "bad-schedule", "a periodic task cannot depend on other tasks", [ack_id]
-                        ),
-                    )
-                )
-                continue
-            old = self.schedules.get(item.name)
-            same_rule = old is not None and (old.periodic.every_s, old.periodic.cron) == (
-                item.every_s,
-                item.cron,
-            )
-            if old is not None and same_rule:
-                old.periodic = item  # a new function or options; the clock goes on
-                record = old
-            else:
-                first = next_tick(item.every_s, rule, wall)
-                if first is None:
-                    replies.append(
-                        Send(
-                            producer.address,
-                            PRODUCER,
-                            Error("bad-schedule", "no next tick", [ack_id]),
-                        )
-                    )
-                    continue
-                record = self.schedules[item.name] = ScheduleRecord(item, rule, first)
-                self._notice(
-                    logging.INFO, "periodic task %s scheduled (%s)", item.name, _rule_text(item)
-                )
-            self.journal.schedules.append((item.name, record.stored()))
             acks.append(ack_id)
         return replies
+
+    def _add_schedule(self, item: PeriodicTask, now: float) -> None:
+        """Check everything first, then store: a refused schedule leaves no trace."""
+        rule = CronRule.parse(item.cron) if item.cron is not None else None
+        if item.every_s is not None:
+            check_every(item.every_s)
+        if item.template.deps:
+            raise ValueError("a periodic task cannot depend on other tasks")
+        text = _rule_text(item)
+        old = self.schedules.get(item.name)
+        if old is not None and (old.periodic.every_s, old.periodic.cron) == (
+            item.every_s,
+            item.cron,
+        ):
+            old.periodic = item  # a new function or options; the clock goes on
+            self.journal.schedules.append((item.name, old.stored()))
+            return
+        first = next_tick(item.every_s, rule, now + self.wall_offset)
+        if first is None:
+            raise ValueError(f"{text} has no next tick")
+        record = self.schedules[item.name] = ScheduleRecord(item, rule, first)
+        self.journal.schedules.append((item.name, record.stored()))
+        self._notice(logging.INFO, "periodic task %s scheduled (%s)", item.name, text)
 
     def _unschedule(self, producer: ProducerRecord, names: Iterable[str]) -> list[Send]:
         acks = self._out_acks.setdefault(producer.client_id, [])
@@ -678,29 +694,42 @@ class Scheduler:
         """Submit a run for each periodic task whose tick has come: one run, for the latest
         tick passed, however many passed while the broker was down."""
         wall = now + self.wall_offset
-        for record in self.schedules.values():
+        for record in list(self.schedules.values()):
             if record.next_at > wall:
                 continue
-            periodic = record.periodic
-            tick_at, skipped = latest_tick(periodic.every_s, record.rule, record.next_at, wall)
-            following = next_tick(periodic.every_s, record.rule, wall)
-            task_id = f"periodic:{periodic.name}:{round(tick_at * 1000)}"
-            if task_id not in self.tasks:
-                spec = _with_task_id(periodic.template, task_id)
-                self._add_task(spec, "", now)
-                record.runs += 1
-            if skipped:
-                record.skipped += skipped
+            try:
+                self._run_schedule(record, now, wall)
+            except Exception as exc:  # a bad rule must not stop the others, nor the broker
                 self._notice(
-                    logging.WARNING,
-                    "periodic task %s: %d tick(s) missed while the broker was down; ran once",
-                    periodic.name,
-                    skipped + 1,
+                    logging.ERROR,
+                    "periodic task %s: %s; retrying in an hour",
+                    record.periodic.name,
+                    exc,
                 )
-            record.last_run_at = tick_at
-            record.last_task_id = task_id
-            record.next_at = following if following is not None else float("inf")
-            self.journal.schedules.append((periodic.name, record.stored()))
+                record.next_at = wall + 3600.0
+
+    def _run_schedule(self, record: ScheduleRecord, now: float, wall: float) -> None:
+        periodic = record.periodic
+        tick_at, skipped = latest_tick(periodic.every_s, record.rule, record.next_at, wall)
+        following = next_tick(periodic.every_s, record.rule, wall)
+        task_id = f"periodic:{periodic.name}:{round(tick_at * 1000)}"
+        if task_id not in self.tasks:
+            spec = _with_task_id(periodic.template, task_id)
+            self._add_task(spec, "", now)
+            record.runs += 1
+        if skipped:
+            record.skipped += skipped
+            self._notice(
+                logging.WARNING,
+                "periodic task %s: %d tick(s) passed while the broker was down or busy; "
+                "ran once, for the latest",
+                periodic.name,
+                skipped + 1,
+            )
+        record.last_run_at = tick_at
+        record.last_task_id = task_id
+        record.next_at = following if following is not None else float("inf")
+        self.journal.schedules.append((periodic.name, record.stored()))
 
     def _cancel(self, task_ids: Iterable[str], terminate: bool, now: float) -> None:
         aborts: dict[str, list[str]] = {}
@@ -884,6 +913,7 @@ class Scheduler:
             self._notice(logging.INFO, "worker %s is draining", worker.name)
         worker.draining = True
         worker.credit = 0
+        self._dirty = True
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if (
@@ -924,6 +954,7 @@ class Scheduler:
         self._remove_worker(worker, now, reason)
 
     def _remove_worker(self, worker: WorkerRecord, now: float, reason: str) -> None:
+        self._dirty = True  # tasks that waited for this worker (key affinity) go elsewhere now
         self._peers.pop(worker.address, None)
         self.workers.pop(worker.worker_id, None)
         self._out_tasks.pop(worker.worker_id, None)
@@ -1184,7 +1215,8 @@ class Scheduler:
         (key affinity) waits, and the tasks behind it go on."""
         queue = heap_name.partition(_ROUTED_HEAP)[0]
         eligible = sorted(
-            (w for w in self.workers.values() if queue in w.queues), key=lambda w: w.seq
+            (w for w in self.workers.values() if queue in w.queues and not w.draining),
+            key=lambda w: w.seq,
         )
         parked: list[TaskRecord] = []
         while len(parked) < 1000 and any(w.credit > 0 for w in eligible):
@@ -1363,6 +1395,7 @@ class Scheduler:
                 continue
             schedule = ScheduleRecord(periodic, rule, stored.next_at)
             schedule.runs, schedule.skipped = stored.runs, stored.skipped
+            schedule.last_run_at, schedule.last_task_id = stored.last_run_at, stored.last_task_id
             self.schedules[periodic.name] = schedule
         self.counters["recovered"] = len(recovery.pending)
         self.counters["recovered_outcomes"] = len(recovery.finished)

@@ -72,7 +72,10 @@ def schedules_table(schedules: list[dict[str, Any]]) -> Table:
 def _utc(at: float | None) -> str:
     if at is None:
         return "-"
-    return time.strftime("%m-%d %H:%M:%S", time.gmtime(at))
+    try:
+        return time.strftime("%m-%d %H:%M:%S", time.gmtime(at))
+    except (OverflowError, ValueError, OSError):
+        return "?"
 
 
 def failures_table(failures: list[dict[str, Any]]) -> Table:

@@ -90,7 +90,7 @@ class Task(Generic[P, R]):
         name = kwargs.pop("_name", None)
         target: Client = _client if _client is not None else default_client()
         return target.schedule(
-            self, *args, every=self.options.every, cron=self.options.cron, name=name, **kwargs
+            self, *args, _every=self.options.every, _cron=self.options.cron, _name=name, **kwargs
         )
 
     def unschedule(self, _client: Client | None = None, _name: str | None = None) -> None:

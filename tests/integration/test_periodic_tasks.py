@@ -37,7 +37,9 @@ def test_a_periodic_task_runs_on_its_ticks_until_removed(make_mesh, tmp_path: Pa
     mesh: Mesh = make_mesh(workers=1, concurrency=1)
     ticks = tmp_path / "ticks"
     with mesh.client() as client:
-        assert client.schedule(_tasks.record_tick, str(ticks), every=0.5, name="ticker") == "ticker"
+        assert (
+            client.schedule(_tasks.record_tick, str(ticks), _every=0.5, _name="ticker") == "ticker"
+        )
         wait_until(lambda: len(runs(ticks)) >= 4, 20, "four runs")
         seen = runs(ticks)
         gaps = [b - a for a, b in itertools.pairwise(seen)]
@@ -60,7 +62,7 @@ def test_missed_ticks_are_coalesced_after_a_broker_restart(make_mesh, tmp_path: 
     )
     ticks = tmp_path / "ticks"
     with mesh.client() as client:
-        client.schedule(_tasks.record_tick, str(ticks), every=1.0, name="heartbeat")
+        client.schedule(_tasks.record_tick, str(ticks), _every=1.0, _name="heartbeat")
     wait_until(lambda: len(runs(ticks)) >= 2, 20, "two runs")
     assert mesh.broker is not None
     mesh.broker.kill()

@@ -124,6 +124,9 @@ def test_a_failed_dependency_fails_the_whole_chain_naming_the_cause() -> None:
     assert "fn_root [root] failed: ZeroDivisionError: division by zero" in first.error.message
     last = b.outcomes["t2999"].error
     assert last is not None and "fn_t2998 [t2998]" in last.message
+    # the root cause travels down the chain; the message does not grow with it
+    assert "root cause: fn_root [root] failed: ZeroDivisionError" in last.message
+    assert len(last.message) < 400
     assert set(b.assigned) == {"root"}  # nothing behind it ever ran
     assert b.s.counters["failed"] == 3001
 
@@ -242,3 +245,21 @@ def test_a_task_routes_by_its_own_strategy_within_its_queue() -> None:
         placed |= {s.address for s in b.flush() if isinstance(s.message, Tasks)}
     assert len(placed) == 1
     assert Route("key") in b.s.routes.values()
+
+
+def test_a_key_routed_task_moves_on_when_its_worker_drains() -> None:
+    from taskmesh.protocol import Release
+
+    b = Broker()
+    b.worker(credit=1, address=b"w-a", name="a")
+    b.worker(credit=1, address=b"w-b", name="b")
+    b.submit(task("busy-a"), task("busy-b"))  # both workers full
+    b.submit(task("keyed", route="key", key="user-7"))
+    assert "keyed" not in b.assigned
+    owner = b.s._ring_lookup("default\0key", "user-7", list(b.s.workers.values()))
+    assert owner is not None
+    other = b"w-b" if owner.name == "a" else b"w-a"
+    b.s.handle(owner.address, WORKER, Release([]), b.now)  # the owner drains
+    b.flush()
+    b.finish(ok("busy-b" if other == b"w-b" else "busy-a"), address=other)
+    assert "keyed" in b.assigned  # went to the worker that stays

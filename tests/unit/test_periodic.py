@@ -57,6 +57,9 @@ def at(text: str) -> float:
         # both day fields restricted: either matches (the 1st, or any Friday)
         ("0 6 1 * fri", "2026-12-01 07:00", "2026-12-04 06:00"),
         ("15,45 */6 * * *", "2026-11-30 06:20", "2026-11-30 06:45"),
+        # a day field starting with "*" is unrestricted as in Vixie cron: both must match, so
+        # odd days of the month that are also Mondays
+        ("0 0 */2 * mon", "2026-11-30 00:00", "2026-12-07 00:00"),
     ],
 )
 def test_cron_next_after(line: str, after: str, expected: str) -> None:
@@ -75,6 +78,8 @@ def test_cron_next_after(line: str, after: str, expected: str) -> None:
         ("10-5 * * * *", "range 10-5 runs backwards"),
         ("1,,2 * * * *", "empty list item"),
         ("0 0 31 2 *", "never matches a real date"),
+        ("\u00b2 * * * *", "is not a number or a known name"),  # a digit, but not 0-9
+        ("*/\u0663 * * * *", "is not a number >= 1"),
     ],
 )
 def test_cron_errors_name_the_field(line: str, message: str) -> None:
@@ -125,6 +130,12 @@ def test_interval_ticks_fall_on_multiples_of_the_interval() -> None:
     assert latest_tick(10.0, None, WALL, WALL + 5) == (WALL, 0)
     cron = CronRule.parse("*/5 * * * *")
     assert latest_tick(None, cron, WALL, WALL + 16 * 60) == (WALL + 15 * 60, 3)
+    # down for 200 days: the latest tick still, found without walking every minute since
+    minutely = CronRule.parse("* * * * *")
+    started = time.perf_counter()
+    latest, skipped = latest_tick(None, minutely, WALL, WALL + 200 * 86400 + 30)
+    assert latest == WALL + 200 * 86400 and skipped == 10_000  # counted up to a cap
+    assert time.perf_counter() - started < 1.0
     assert format_every(90) == "1m30s" and format_every(0.5) == "0.5s"
 
 
@@ -132,8 +143,11 @@ def test_periodic_options_are_checked_when_declared() -> None:
     assert periodic_rule(timedelta(minutes=5), None) == (300.0, None)
     with pytest.raises(ValueError, match="exactly one of every= and cron="):
         periodic_rule(5, "* * * * *")
-    with pytest.raises(ValueError, match="positive number of seconds"):
+    with pytest.raises(ValueError, match=r"between 0\.1 s and ten years, got -1 s"):
         TaskOptions(every=-1)
+    for bad in (1e-30, float("inf"), float("nan"), 1e20):
+        with pytest.raises(ValueError, match="periodic interval"):
+            periodic_rule(bad, None)
     with pytest.raises(CronError, match="minute field"):
         TaskOptions(cron="99 * * * *")
     with pytest.raises(ValueError, match="route must be one of"):
@@ -204,12 +218,25 @@ def test_unschedule_stops_it_and_an_unknown_name_is_an_error() -> None:
     assert replies[0].message.task_ids == ["schedule:beat"]  # type: ignore[union-attr]
 
 
-def test_a_bad_cron_line_from_the_wire_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("periodic", "message"),
+    [
+        (PeriodicTask("x", None, "61 * * * *", template()), "minute field"),
+        (PeriodicTask("x", None, "\u00b2 * * * *", template()), "minute field"),
+        (PeriodicTask("x", 1e-30, None, template()), "between 0.1 s and ten years"),
+        (PeriodicTask("x", 1e300, None, template()), "between 0.1 s and ten years"),
+    ],
+)
+def test_a_bad_schedule_from_the_wire_is_refused_and_leaves_no_trace(
+    periodic: PeriodicTask, message: str
+) -> None:
     c = Clock()
-    replies = c.schedule(PeriodicTask("x", None, "61 * * * *", template()))
+    replies = c.schedule(periodic)
     errors = [m for m in replies if isinstance(m, Error)]
-    assert errors and "minute field" in errors[0].message
-    assert c.s.schedules == {}
+    assert errors and message in errors[0].message and errors[0].task_ids == ["schedule:x"]
+    assert c.s.schedules == {} and not c.s.take_journal().schedules
+    c.s.tick(100.0)  # and the broker goes on
+    assert c.s.snapshot(100.0)["schedules"] == []
 
 
 def test_status_lists_schedules() -> None:
@@ -237,6 +264,7 @@ def test_a_restart_right_after_a_tick_does_not_run_it_again(tmp_path: Path) -> N
     again.s.restore(recovery, 0.0)
     again.s.tick(0.0)
     assert again.runs() == first.runs()  # the tick at +10 is the journal's; no second one
+    assert again.s.schedules["beat"].last_task_id == first.runs()[0]
     again.s.tick(10.0)  # wall +20.5
     assert len(again.runs()) == 2
 
