@@ -327,14 +327,16 @@ def worker(
         ),
     ] = None,
     prefetch: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--prefetch",
             envvar="TASKMESH_PREFETCH",
             min=0,
-            help="Extra tasks held beyond the free slots.",
+            help="Tasks held waiting beyond the free slots, so that no executor idles between "
+            "two tasks; default: one per executor. Never started there, they are requeued "
+            "without a charge if the worker dies.",
         ),
-    ] = 0,
+    ] = None,
     weight: Annotated[
         float,
         typer.Option(

@@ -76,7 +76,7 @@ class WorkerConfig:
     queues: tuple[str, ...] = (DEFAULT_QUEUE,)
     name: str = field(default_factory=default_worker_name)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
-    prefetch: int = 0
+    prefetch: int | None = None  # tasks waiting beyond the free slots; None: concurrency
     weight: float = 1.0  # share of tasks under the broker's "weighted" routing
     shutdown_grace_s: float = 60.0  # on SIGTERM: how long running tasks may take to finish
     max_tasks_per_child: int = 0  # replace an executor after this many tasks (0: never)
@@ -90,7 +90,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.prefetch < 0:
+        if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if not self.queues or any(not q for q in self.queues):
             raise ValueError(f"queues must be non-empty names, got {self.queues!r}")

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -206,15 +206,18 @@ class ExecutorPool:
     def offer(self, assignments: Iterable[p.Assignment]) -> None:
         self.backlog.extend(assignments)
 
-    def pump(self) -> None:
-        """Hand backlog tasks to executors with room, one pipe message per executor."""
+    def pump(self, announce: Callable[[list[str]], None] | None = None) -> None:
+        """Hand backlog tasks to executors with room, one pipe message per executor.
+        ``announce`` is given the ids of every task about to be handed over, before any is:
+        the broker must hear of a start before it can happen (see ``Results.started``)."""
         if not self.backlog:
             return
         depth = self.depth()
+        handoffs: list[tuple[_Executor, list[tuple[int, str, str, Any, Any, Any]]]] = []
         # idle executors first, so a lone long task never waits behind another
         for ex in sorted(self._executors, key=lambda e: len(e.tasks)):
             if not self.backlog:
-                return
+                break
             room = depth - len(ex.tasks)
             if room <= 0 or ex.kill_reason is not None:
                 continue
@@ -242,8 +245,13 @@ class ExecutorPool:
                 room -= 1
                 if large:
                     break
-            if not batch:
-                continue
+            if batch:
+                handoffs.append((ex, batch))
+        if not handoffs:
+            return
+        if announce is not None:
+            announce([item[1] for _, batch in handoffs for item in batch])
+        for ex, batch in handoffs:
             try:
                 send_message(ex.conn, batch)
             except OSError:
@@ -397,8 +405,9 @@ class ExecutorPool:
     def has_timed_tasks(self) -> bool:
         return any(t.timeout_s for ex in self._executors for _, t in ex.tasks)
 
-    def abort(self, task_ids: set[str]) -> None:
-        """Cancel tasks here: drop them from the backlog, kill the executor running one."""
+    def abort(self, task_ids: set[str], terminate: bool = True) -> None:
+        """Cancel tasks here: drop them from the backlog and, with ``terminate``, kill the
+        executor running one (a task already handed to an executor otherwise runs)."""
         kept: deque[p.Assignment] = deque()
         for task in self.backlog:
             if task.task_id in task_ids:
@@ -406,6 +415,8 @@ class ExecutorPool:
             else:
                 kept.append(task)
         self.backlog = kept
+        if not terminate:
+            return
         for ex in self._executors:
             running = ex.running()
             for seq, task in ex.tasks:

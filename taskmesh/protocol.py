@@ -575,11 +575,14 @@ class Credit:
 
 @dataclass(frozen=True, slots=True)
 class Results:
-    """A batch of outcomes from a worker, with the credit its freed slots give back."""
+    """A batch of outcomes from a worker, with the credit its freed slots give back, and the
+    tasks it is about to hand to its executors (said before it does: a task not named here
+    has never started there)."""
 
     KIND: ClassVar[Kind] = Kind.RESULTS
     outcomes: list[Outcome]
     credit: int = 0
+    started: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,10 +655,12 @@ class ResultsAck:
 
 @dataclass(frozen=True, slots=True)
 class Abort:
-    """Stop these running tasks (kill their executors) and report them cancelled."""
+    """Cancel these tasks held by the worker: drop those not started yet and, with
+    ``terminate``, kill the executors running the others; report them cancelled."""
 
     KIND: ClassVar[Kind] = Kind.ABORT
     task_ids: list[str]
+    terminate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,7 +732,7 @@ def _encode_body(msg: Message, blobs: _BlobWriter) -> list[Any]:
     if isinstance(msg, Tasks):
         return [[a.to_wire(blobs) for a in msg.assignments]]
     if isinstance(msg, Results):
-        return [[o.to_wire(blobs) for o in msg.outcomes], msg.credit]
+        return [[o.to_wire(blobs) for o in msg.outcomes], msg.credit, msg.started]
     if isinstance(msg, Outcomes):
         return [[o.to_wire(blobs) for o in msg.outcomes]]
     if isinstance(msg, Schedule):
@@ -764,7 +769,7 @@ _simple(Welcome, _str, _float, _int, _int)
 _simple(Ack, _str_list)
 _simple(StatusReply, _dict)
 _simple(ResultsAck, _str_list)
-_simple(Abort, _str_list)
+_simple(Abort, _str_list, _bool)
 _simple(Heartbeat)
 _simple(Reconnect)
 _simple(Error, _str, _str, _str_list)
@@ -814,15 +819,21 @@ def _decode_body(kind: Kind, body: Any, blobs: _BlobReader) -> Message:
         (items,) = _arity(body, 1, "TASKS")
         return Tasks([Assignment.from_wire(a, blobs) for a in _list(items, "TASKS.assignments")])
     if kind is Kind.RESULTS:
-        items, credit = _arity(body, 2, "RESULTS")
+        if type(body) is list and len(body) == 2:
+            body = [*body, []]  # from a worker that does not report starts
+        items, credit, started = _arity(body, 3, "RESULTS")
         outcomes = [Outcome.from_wire(o, blobs) for o in _list(items, "RESULTS.outcomes")]
-        return Results(outcomes, _int(credit, "RESULTS.credit"))
+        return Results(
+            outcomes, _int(credit, "RESULTS.credit"), _str_list(started, "RESULTS.started")
+        )
     if kind is Kind.OUTCOMES:
         (items,) = _arity(body, 1, "OUTCOMES")
         return Outcomes([Outcome.from_wire(o, blobs) for o in _list(items, "OUTCOMES.outcomes")])
     if kind is Kind.SCHEDULE:
         (items,) = _arity(body, 1, "SCHEDULE")
         return Schedule([PeriodicTask.from_wire(s, blobs) for s in _list(items, "SCHEDULE")])
+    if kind is Kind.ABORT and type(body) is list and len(body) == 1:
+        body = [*body, True]  # from a broker that always terminated
     cls, checks = _SIMPLE[kind]
     values = _arity(body, len(checks), kind.name)
     fields = [

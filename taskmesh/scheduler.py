@@ -152,6 +152,7 @@ class TaskRecord:
         "outcome",
         "queued_at",
         "seq",
+        "spared",
         "spec",
         "started_at",
         "state",
@@ -177,6 +178,7 @@ class TaskRecord:
         self.entry: tuple[float, int, str] | None = None
         self.cancel_requested = False  # terminate asked while running: never run it again
         self.waiting = 0  # dependencies not finished yet (while WAITING)
+        self.spared = 0  # requeued uncharged from dead workers that had not started it
 
 
 class WorkerRecord:
@@ -195,6 +197,7 @@ class WorkerRecord:
         "queues",
         "running",
         "seq",
+        "started",
         "weight",
         "worker_id",
     )
@@ -209,6 +212,7 @@ class WorkerRecord:
         self.concurrency = msg.concurrency
         self.credit = msg.credit
         self.running: set[str] = set()
+        self.started: set[str] = set()  # of running: said to be handed to an executor
         self.joined_at = now
         self.last_seen = now
         self.done = 0
@@ -733,14 +737,22 @@ class Scheduler:
 
     def _cancel(self, task_ids: Iterable[str], terminate: bool, now: float) -> None:
         aborts: dict[str, list[str]] = {}
+        gentle: dict[str, list[str]] = {}
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is None or record.state in TERMINAL:
                 continue
             if record.state is TaskState.RUNNING:
-                if terminate and record.worker_id is not None:
+                worker = self.workers.get(record.worker_id or "")
+                if worker is None:
+                    continue
+                if terminate:
                     record.cancel_requested = True
-                    aborts.setdefault(record.worker_id, []).append(task_id)
+                    aborts.setdefault(worker.worker_id, []).append(task_id)
+                elif task_id not in worker.started:
+                    # sent ahead to a busy worker and not started there: it can still be
+                    # dropped, so cancel means the same whether it waits here or there
+                    gentle.setdefault(worker.worker_id, []).append(task_id)
                 continue
             self._leave_state(record)
             self._finish(record, Outcome(task_id, Status.CANCELLED), TaskState.CANCELLED, now)
@@ -748,6 +760,10 @@ class Scheduler:
             worker = self.workers.get(worker_id)
             if worker is not None:
                 self._immediate.append(Send(worker.address, WORKER, Abort(ids)))
+        for worker_id, ids in gentle.items():
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                self._immediate.append(Send(worker.address, WORKER, Abort(ids, terminate=False)))
 
     def _delivered(self, task_ids: Iterable[str]) -> None:
         """The producer has these outcomes: forget the tasks (the journal too)."""
@@ -782,6 +798,8 @@ class Scheduler:
             return self._grant(worker, msg.n)
         if isinstance(msg, Results):
             self._results(worker, msg.outcomes, now)
+            if msg.started:
+                worker.started.update(t for t in msg.started if t in worker.running)
             return self._grant(worker, msg.credit)
         if isinstance(msg, Release):
             self._release(worker, msg.task_ids, now)
@@ -845,6 +863,7 @@ class Scheduler:
         record.worker_id = worker.worker_id
         record.started_at = now
         worker.running.add(task_id)
+        worker.started.add(task_id)  # it may be running there: count it as started
 
     def _grant(self, worker: WorkerRecord, n: int) -> list[Send]:
         if n < 0 or worker.credit + n > _MAX_CREDIT:
@@ -862,6 +881,7 @@ class Scheduler:
                 self.counters["invalid_outcomes"] += 1
                 continue
             worker.running.discard(outcome.task_id)
+            worker.started.discard(outcome.task_id)
             record = self.tasks.get(outcome.task_id)
             if record is None or record.state in TERMINAL:
                 self.counters["duplicates_dropped"] += 1
@@ -946,11 +966,18 @@ class Scheduler:
         for task_id in list(worker.running):
             record = self.tasks.get(task_id)
             if (
-                record is not None
-                and record.state is TaskState.RUNNING
-                and record.worker_id == worker.worker_id
+                record is None
+                or record.state is not TaskState.RUNNING
+                or record.worker_id != worker.worker_id
             ):
+                continue
+            if task_id in worker.started or record.spared >= record.spec.max_attempts:
                 self._lost(record, now, f"worker {worker.name} died ({reason})")
+            else:
+                # it waited in the worker and never reached an executor: not its fault. (A
+                # start said just before the node died may not have got out: hence the bound.)
+                record.spared += 1
+                self._requeue_uncharged(record, now)
         self._remove_worker(worker, now, reason)
 
     def _remove_worker(self, worker: WorkerRecord, now: float, reason: str) -> None:
@@ -1087,6 +1114,7 @@ class Scheduler:
             worker = self.workers.get(record.worker_id or "")
             if worker is not None:
                 worker.running.discard(record.spec.task_id)
+                worker.started.discard(record.spec.task_id)
         elif record.state is TaskState.PENDING:
             self.stats[record.spec.queue].pending -= 1
             record.entry = None

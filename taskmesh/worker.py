@@ -76,7 +76,10 @@ class WorkerNode:
 
     @property
     def capacity(self) -> int:
-        return self.pool.capacity() + self.config.prefetch
+        prefetch = self.config.prefetch
+        if prefetch is None:  # the default: one task waiting per executor, so none idles
+            prefetch = self.config.concurrency
+        return self.pool.capacity() + prefetch
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -241,7 +244,7 @@ class WorkerNode:
             for task_id in msg.task_ids:
                 self._unacked.pop(task_id, None)
         elif isinstance(msg, p.Abort):
-            self.pool.abort(set(msg.task_ids))
+            self.pool.abort(set(msg.task_ids), msg.terminate)
         elif isinstance(msg, p.Reconnect):
             # one Ready answers every Reconnect sent before the broker saw it
             pending = self._registered_at
@@ -269,8 +272,9 @@ class WorkerNode:
             )
             self.heartbeat = hb
 
-    def _flush(self) -> None:
-        """Send new outcomes and whatever credit the freed capacity allows, in one message."""
+    def _flush(self, started: list[str] | None = None) -> None:
+        """Send new outcomes, whatever credit the freed capacity allows and the tasks about to
+        start (``ExecutorPool.pump`` calls this before it hands them over), in one message."""
         outcomes = [self._fit(o) for o in self.pool.take_outcomes()]
         for outcome in outcomes:
             self._unacked[outcome.task_id] = outcome
@@ -279,12 +283,15 @@ class WorkerNode:
             grant = 0
         if not self._broker_alive and not outcomes:
             return
-        if outcomes:
+        if outcomes or started:
             self._outstanding += grant
-            self._send(p.Results(outcomes, grant))
+            self._send(p.Results(outcomes, grant, started or []))
         elif grant:
             self._outstanding += grant
             self._send(p.Credit(grant))
+
+    def _announce_starts(self, task_ids: list[str]) -> None:
+        self._flush(started=task_ids)
 
     def _fit(self, outcome: p.Outcome) -> p.Outcome:
         """An outcome too large for the broker becomes an error saying so (sent as it was, the
@@ -351,7 +358,7 @@ class WorkerNode:
                 self.pool.check_deadlines(now)
                 if self._draining_since is not None:
                     self._drain(now)
-                self.pool.pump()
+                self.pool.pump(announce=self._announce_starts)
                 self._flush()
                 self._keepalive(now)
             except (zmq.ContextTerminated, KeyboardInterrupt):

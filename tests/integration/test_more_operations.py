@@ -120,7 +120,7 @@ def single_slot_mesh(make_mesh: Callable[..., Mesh]) -> Mesh:
     faster heartbeat an idle producer is dropped by the broker now and then, and a CANCEL
     it sends meanwhile is lost (CANCEL is not resent)."""
     mesh = make_mesh(workers=0)
-    mesh.add_worker("single", concurrency=1)
+    mesh.add_worker("single", concurrency=1, extra_args=["--prefetch", "0"])
     mesh.wait_for_workers(1)
     return mesh
 
@@ -215,6 +215,31 @@ def test_cancel_a_task_queued_behind_a_busy_worker(make_mesh, gate, recording_cl
     assert status["counters"]["cancelled"] == 1
     assert status["counters"]["done"] == 3
     assert queue_stats(mesh, "default")["pending"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_cancel_a_task_prefetched_by_a_busy_worker(make_mesh, gate, recording_client) -> None:  # type: ignore[no-untyped-def]
+    mesh = make_mesh(workers=0)
+    mesh.add_worker("single", concurrency=1)  # the default prefetch: one task waits there
+    mesh.wait_for_workers(1)
+    client = recording_client(mesh)
+    first = client.submit(_tasks.gated, 0, str(gate))
+    wait_until(lambda: [x for x, _, _ in gate.started()] == [0], 20, "the first task to start")
+    target = client.submit(_tasks.gated, 1, str(gate))
+    wait_for_queue(
+        mesh, "default", lambda q: q["running"] == 2, 10, "the worker to take the second"
+    )
+    assert target.cancel() is True
+    wait_until(
+        lambda: client.outcomes_seen[target.task_id] == 1,
+        10,
+        "the worker to drop it and the broker to report it cancelled",
+    )
+    gate.release()
+    assert first.result(timeout=30) == (0, "single")
+    assert client.submit(_tasks.add, 1, 1).result(timeout=20) == 2
+    assert [x for x, _, _ in gate.started()] == [0]  # the cancelled task never ran
+    assert counter(mesh, "cancelled") == 1
 
 
 @pytest.mark.timeout(90)

@@ -76,7 +76,9 @@ def test_worker_killed_mid_task_its_tasks_finish_on_the_other_worker(
     assert resolutions == {f.task_id: 1 for f in futures}
     snapshot = mesh.status()
     assert snapshot["counters"]["workers_lost"] == 1
-    assert snapshot["counters"]["requeued"] == 2
+    # A held four: the two it ran (charged a loss) and two prefetched, never started there
+    # (requeued as they were)
+    assert snapshot["counters"]["requeued"] == 4
     assert snapshot["counters"]["done"] == 6
     assert any(
         d["name"] == a.name and d["reason"] == "missed heartbeats" for d in snapshot["dead_workers"]

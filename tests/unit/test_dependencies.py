@@ -61,6 +61,8 @@ class Broker:
             if isinstance(send.message, Tasks):
                 for a in send.message.assignments:
                     self.assigned[a.task_id] = a
+                started = [a.task_id for a in send.message.assignments]  # as a worker says
+                self.s.handle(send.address, WORKER, Results([], 0, started), self.now)
             if isinstance(send.message, Outcomes):
                 for o in send.message.outcomes:
                     assert o.task_id not in self.outcomes, "a second outcome for one task"

@@ -105,6 +105,7 @@ EVERY_MESSAGE: list[Message] = [
     Ready("w-1", "worker", "host-b", 99, ["default"], 4, 2, held=["t1", "t2"]),
     Credit(5),
     Results([Outcome("t1", Status.OK, b"value", None, 0.5)], credit=2),
+    Results([], credit=1, started=["t2", "t3"]),
     Disconnect(),
     Release(["t1", "t2"]),
     Welcome("broker-1", 1.5, 3),
@@ -142,6 +143,12 @@ def test_round_trip(signature: bytes, msg: Message) -> None:
     assert got_signature == signature
     assert type(got) is type(msg)
     assert got == msg
+
+
+def test_results_from_a_worker_without_start_reports_still_decode() -> None:
+    body = msgpack.packb([[], 3], use_bin_type=True)
+    _, msg = decode([WORKER, bytes([Kind.RESULTS]), body])
+    assert msg == Results([], 3, [])
 
 
 def test_kind_values_are_fixed() -> None:

@@ -124,8 +124,16 @@ class Mesh:
     def results(self, *outcomes: Outcome, address: bytes = W1, credit: int = 1) -> list[Send]:
         return self.worker(Results(list(outcomes), credit), address)
 
-    def flush(self) -> list[Send]:
-        return self._record(self.s.flush(self.now))
+    def flush(self, start: bool = True) -> list[Send]:
+        """Flush; with ``start``, each worker then says it starts what it was sent, as a real
+        worker does before handing tasks to its executors (``Results.started``)."""
+        sends = self._record(self.s.flush(self.now))
+        if start:
+            for send in sends:
+                if isinstance(send.message, Tasks):
+                    ids = [a.task_id for a in send.message.assignments]
+                    self.s.handle(send.address, WORKER, Results([], 0, ids), self.now)
+        return sends
 
     def tick(self, now: float) -> list[Send]:
         self.now = now
@@ -584,6 +592,48 @@ def test_dead_worker_tasks_are_requeued_with_the_next_attempt() -> None:
     assert outcomes(m.sent) == []
 
 
+def test_a_dead_worker_charges_only_what_it_had_started() -> None:
+    m = Mesh()
+    m.hello()
+    m.ready(W1, "w1", credit=3)
+    m.submit(spec("running"), spec("waiting-1"), spec("waiting-2"))
+    m.flush(start=False)
+    # the worker hands one task to an executor; two wait in its backlog (prefetched)
+    m.worker(Results([], 0, ["running"]))
+    m.now = 2.0
+    m.producer(Heartbeat())
+    m.tick(3.5)
+    records = {t: m.s.tasks[t] for t in ("running", "waiting-1", "waiting-2")}
+    assert {t: (r.lost, r.attempt) for t, r in records.items()} == {
+        "running": (1, 2),  # charged: it may be what killed the node
+        "waiting-1": (0, 1),  # never started there: requeued as it was
+        "waiting-2": (0, 1),
+    }
+    assert queue_stats(m.s)["pending"] == 3
+
+
+def test_starts_that_never_arrive_cannot_spare_a_task_forever() -> None:
+    # a task that kills its node before the start report gets out: spared up to max_attempts
+    # times, then charged like any other, so it still ends as WorkerLost
+    m = Mesh()
+    m.hello()
+    m.submit(spec("sneaky", max_attempts=2))
+    deaths = 0
+    while not outcomes(m.sent):
+        address = f"addr-w{deaths}".encode()
+        m.ready(address, f"w{deaths}", credit=1)
+        assert assigned(m.flush(start=False), address) == ["sneaky"]
+        m.now += 5.0
+        m.producer(Heartbeat())
+        m.tick(m.now)
+        m.flush()
+        deaths += 1
+        assert deaths <= 4
+    assert deaths == 4  # 2 spared, then 2 charged
+    (outcome,) = outcomes(m.sent)
+    assert outcome.status is Status.WORKER_LOST
+
+
 def test_task_lost_max_attempts_times_fails_with_worker_lost() -> None:
     m = Mesh()
     m.hello()
@@ -893,6 +943,24 @@ def test_cancel_without_terminate_leaves_a_running_task_alone() -> None:
     assert outcomes(m.flush()) == []
     m.results(ok("t1", b"done anyway"))
     assert [o.status for o in outcomes(m.flush())] == [Status.OK]
+
+
+def test_cancel_without_terminate_drops_a_task_the_worker_has_not_started() -> None:
+    m = Mesh()
+    m.hello()
+    m.ready(credit=2)
+    m.submit(spec("t1"), spec("t2"))
+    m.flush(start=False)
+    m.worker(Results([], 0, ["t1"]))  # t1 reaches an executor; t2 waits in the worker
+    assert m.producer(Cancel(["t1", "t2"], terminate=False)) == [
+        Send(W1, WORKER, Abort(["t2"], terminate=False))
+    ]
+    m.results(Outcome("t2", Status.CANCELLED))  # the worker dropped it
+    m.results(ok("t1"))
+    assert {o.task_id: o.status for o in outcomes(m.flush())} == {
+        "t1": Status.OK,
+        "t2": Status.CANCELLED,
+    }
 
 
 def test_cancel_of_a_delayed_task() -> None:
