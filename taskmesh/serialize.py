@@ -104,24 +104,23 @@ def dependency_collector() -> list[Any] | None:
 
 
 @contextlib.contextmanager
-def collecting_dependencies(found: list[Any]) -> Iterator[None]:
-    previous = getattr(_local, "deps", None)
-    _local.deps = found
+def _thread_scoped(attr: str, value: Any) -> Iterator[None]:
+    previous = getattr(_local, attr, None)
+    setattr(_local, attr, value)
     try:
         yield
     finally:
-        _local.deps = previous
+        setattr(_local, attr, previous)
 
 
-@contextlib.contextmanager
-def dependency_values(values: Mapping[str, Any]) -> Iterator[None]:
+def collecting_dependencies(found: list[Any]) -> contextlib.AbstractContextManager[None]:
+    """While a call is pickled in this thread: where the futures it refers to are noted."""
+    return _thread_scoped("deps", found)
+
+
+def dependency_values(values: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
     """On a worker: what each dependency's reference unpickles to while a call is loaded."""
-    previous = getattr(_local, "values", None)
-    _local.values = values
-    try:
-        yield
-    finally:
-        _local.values = previous
+    return _thread_scoped("values", values)
 
 
 def dependency_value(task_id: str) -> Any:
