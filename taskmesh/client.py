@@ -285,6 +285,8 @@ class Client(Executor):
         self._wake()
 
     def _release_dependencies(self, task_id: str) -> None:
+        if not self._deps_of:  # the common case, on every ack and outcome: no lock
+            return
         with self._lock:
             found = self._deps_of.pop(task_id, None)
         if found:
