@@ -6,12 +6,15 @@ through the process sentinel, reports the task lost or timed out, and starts a f
 So nothing here tries to survive that; it only turns every *Python* outcome into a report.
 
 Pipe protocol (``send_message``/``recv_message``, both directions): a header message with the
-sizes of any large blobs, the pickled object, then each large blob as raw bytes read straight
-into a buffer. Supervisor -> executor: a list of ``(seq, task_id, name, fn, args)`` per batch.
+size of each large buffer and whether it is read-only, the pickled object, then each large
+buffer as raw bytes. The reader reads a read-only buffer straight into a new ``bytes`` (the
+``bytes`` argument it becomes, with no further copy) and a writable one into fresh anonymous
+memory. Supervisor -> executor: a list of ``(seq, task_id, name, fn, args, deps)`` per batch.
 Executor -> supervisor: one pickled list of ``(seq, status, value, error, run_s)`` per flush,
-where ``error`` is ``None`` or ``(type_name, message, traceback, mro)``. Results are flushed
-at the end of each batch and whenever a couple of milliseconds have passed, so short tasks
-cost one pipe message per batch rather than one per task.
+where ``error`` is ``None`` or ``(type_name, message, traceback, mro)``. Arguments and values
+cross the pipe as ``to_pipe`` makes them, and ``from_pipe`` turns them back into payloads.
+Results are flushed at the end of each batch and whenever a couple of milliseconds have
+passed, so short tasks cost one pipe message per batch rather than one per task.
 
 Progress. Before each task the executor writes the task's ``seq`` and start time into a small
 shared array (a memory write, no system call); it writes ``-1`` when idle. That is how the
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import mmap
 import os
 import pickle
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -37,8 +42,8 @@ from typing import Any
 
 import cloudpickle
 
-from taskmesh.protocol import Status
-from taskmesh.serialize import dependency_values, dumps_value, qualified_name
+from taskmesh.protocol import Payload, Pickled, Status
+from taskmesh.serialize import dependency_values, dumps_value, loads_payload, qualified_name
 
 _FN_CACHE_SIZE = 256
 #: blobs larger than this cross the pipe as raw out-of-band buffers, not inside a pickle
@@ -93,9 +98,9 @@ def run_task(
     task_id: str,
     name: str,
     fn_blob: bytes,
-    args_blob: bytes,
-    deps: Sequence[tuple[str, Any]] = (),
-) -> tuple[int, bytes, ErrorTuple | None]:
+    args_blob: Payload,
+    deps: Sequence[tuple[str, Payload]] = (),
+) -> tuple[int, Payload, ErrorTuple | None]:
     """Run one task and classify how it ended. Never raises."""
     try:
         fn = cache.load(fn_blob)
@@ -104,11 +109,11 @@ def run_task(
     try:
         if deps:
             # the results of the tasks this call refers to, for its references to resolve to
-            values = {dep_id: pickle.loads(blob) for dep_id, blob in deps}
+            values = {dep_id: loads_payload(blob) for dep_id, blob in deps}
             with dependency_values(values):
-                args, kwargs = pickle.loads(args_blob)
+                args, kwargs = loads_payload(args_blob)
         else:
-            args, kwargs = pickle.loads(args_blob)
+            args, kwargs = loads_payload(args_blob)
     except BaseException as exc:
         return _load_failure(f"could not unpickle the arguments of task {name} [{task_id}]", exc)
     try:
@@ -227,10 +232,12 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
             started = clock()
             progress[PROGRESS_STARTED] = started
             progress[PROGRESS_SEQ] = seq
-            status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args_blob, deps)
+            args = from_pipe(args_blob)
+            received = [(dep_id, from_pipe(value)) for dep_id, value in deps]
+            status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args, received)
             finished = clock()
             progress[PROGRESS_SEQ] = IDLE
-            outbox.add((seq, status, out_of_band(value), error, finished - started))
+            outbox.add((seq, status, to_pipe(value), error, finished - started))
         outbox.flush()
         sys.stdout.flush()
 
@@ -240,16 +247,49 @@ def out_of_band(blob: Any) -> Any:
     return pickle.PickleBuffer(blob) if len(blob) > LARGE_BLOB else blob
 
 
+def to_pipe(payload: Payload) -> Any:
+    """A payload as it crosses the pipe: a blob, or ``(stream, buffers)`` whose buffers each
+    cross as raw bytes, read-only or writable as the unpickled object expects."""
+    if not isinstance(payload, Pickled):
+        return out_of_band(payload)
+    buffers = tuple(
+        pickle.PickleBuffer(_view(b, readonly))
+        for b, readonly in zip(payload.buffers, payload.readonly, strict=True)
+    )
+    return (out_of_band(payload.stream), buffers)
+
+
+def _view(buffer: Any, readonly: bool) -> memoryview:
+    view = memoryview(buffer)
+    if readonly:
+        return view.toreadonly()
+    return view if not view.readonly else memoryview(bytearray(view))
+
+
+def from_pipe(value: Any) -> Payload:
+    """The other end of ``to_pipe``: read-only buffers arrive as ``bytes``."""
+    if type(value) is not tuple:
+        return value  # type: ignore[no-any-return]
+    stream, buffers = value
+    return Pickled(stream, buffers, tuple(type(b) is bytes for b in buffers))
+
+
 def send_message(conn: Connection, obj: Any) -> None:
     """Send a pickled object; its out-of-band buffers follow as raw bytes on the same pipe.
 
-    The header message carries the buffer sizes, so the reader can read each one straight into
-    a buffer of the right size (``Connection.recv_bytes`` would grow and copy it in pieces).
+    The header message carries each buffer's size and whether it is read-only, so the reader
+    can read each one straight into memory of the right size and kind (``Connection.recv_bytes``
+    would grow and copy it in pieces).
     """
     buffers: list[pickle.PickleBuffer] = []
     body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
-    head = struct.pack(f"!I{len(raws)}Q", len(raws), *(r.nbytes for r in raws))
+    head = struct.pack(
+        f"!I{len(raws)}Q{len(raws)}?",
+        len(raws),
+        *(r.nbytes for r in raws),
+        *(r.readonly for r in raws),
+    )
     conn.send_bytes(head + body)
     fd = conn.fileno()
     for raw in raws:
@@ -259,20 +299,53 @@ def send_message(conn: Connection, obj: Any) -> None:
 
 
 def recv_message(conn: Connection) -> Any:
-    """The other end of ``send_message``; out-of-band buffers arrive as bytearrays."""
+    """The other end of ``send_message``: a read-only buffer arrives as ``bytes``, a writable
+    one as anonymous memory."""
     data = conn.recv_bytes()
     (count,) = struct.unpack_from("!I", data)
     sizes = struct.unpack_from(f"!{count}Q", data, 4)
+    flags = struct.unpack_from(f"!{count}?", data, 4 + 8 * count)
     fd = conn.fileno()
-    buffers = []
-    for size in sizes:
+    buffers = [
+        _read_bytes(fd, size) if readonly else _read_writable(fd, size)
+        for size, readonly in zip(sizes, flags, strict=True)
+    ]
+    return pickle.loads(memoryview(data)[4 + 9 * count :], buffers=buffers)
+
+
+def _read_bytes(fd: int, size: int) -> bytes:
+    """Read exactly ``size`` bytes into a new ``bytes`` object, in one system call that copies
+    them straight into it (reading into a buffer first would cost a second copy)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket: a plain pipe
+        return bytes(_read_writable(fd, size))
+    try:
+        data = sock.recv(size, socket.MSG_WAITALL)
+    finally:
+        sock.detach()
+    if len(data) == size:
+        return data
+    if not data:
+        raise EOFError("pipe closed in the middle of a buffer")
+    # a signal cut the read short: read the rest the slow way
+    return data + bytes(_read_writable(fd, size - len(data)))
+
+
+def _read_writable(fd: int, size: int) -> bytearray | mmap.mmap:
+    """Read exactly ``size`` bytes into fresh writable memory. Large buffers get an anonymous
+    mapping, whose pages the kernel fills as it copies (a ``bytearray`` is zeroed first)."""
+    buffer: bytearray | mmap.mmap
+    if size < mmap.PAGESIZE:
         buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
-                raise EOFError("pipe closed in the middle of a buffer")
-            got += n
-        buffers.append(buffer)
-    return pickle.loads(memoryview(data)[4 + 8 * count :], buffers=buffers)
+    else:
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("pipe closed in the middle of a buffer")
+        got += n
+    view.release()
+    return buffer

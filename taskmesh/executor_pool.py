@@ -31,9 +31,11 @@ from taskmesh.executor import (
     PROGRESS_SEQ,
     PROGRESS_STARTED,
     exception_mro,
+    from_pipe,
     out_of_band,
     recv_message,
     send_message,
+    to_pipe,
 )
 from taskmesh.serialize import qualified_name
 
@@ -239,8 +241,8 @@ class ExecutorPool:
                         task.task_id,
                         task.name,
                         out_of_band(task.fn),
-                        out_of_band(task.args),
-                        tuple((dep_id, out_of_band(value)) for dep_id, value in task.deps),
+                        to_pipe(task.args),
+                        tuple((dep_id, to_pipe(value)) for dep_id, value in task.deps),
                     )
                 )
                 room -= 1
@@ -321,7 +323,8 @@ class ExecutorPool:
                         task.task_id,
                         info.type_name if info else "?",
                     )
-                self._outcomes.append(p.Outcome(task.task_id, p.Status(status), value, info, run_s))
+                outcome = p.Outcome(task.task_id, p.Status(status), from_pipe(value), info, run_s)
+                self._outcomes.append(outcome)
 
     def _died(self, ex: _Executor) -> None:
         ex.process.join(timeout=1.0)

@@ -9,7 +9,10 @@ Every message is a ZeroMQ multipart message::
 
 A blob (a pickled function, pickled arguments, a pickled result) travels inside the body when
 it is small and as its own frame when it is larger than ``INLINE_BLOB_MAX``; in the body it is
-then replaced by the frame's index. The broker never unpickles a blob: it only routes bytes.
+then replaced by the frame's index. Arguments and results may also be a ``Pickled``: a pickle
+stream and the large buffers it refers to (pickle protocol 5), each buffer its own frame, so
+that a 100 MB argument is never copied into a pickle. The broker never unpickles a blob: it
+only routes bytes.
 
 This module imports no ZeroMQ: ``encode`` returns a list of bytes-like frames and ``decode``
 takes one. ``docs/protocol.md`` describes the protocol in prose.
@@ -39,6 +42,36 @@ INLINE_BLOB_MAX = 64 * 1024
 
 Blob: TypeAlias = bytes | memoryview
 Frame: TypeAlias = bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Pickled:
+    """A pickle stream and the out-of-band buffers it refers to (pickle protocol 5).
+
+    Each buffer travels as a frame of its own, straight from (and into) the memory of the
+    object it belongs to, instead of being copied into and out of a single pickle. ``readonly``
+    says, per buffer, whether the unpickled object expects immutable memory (a ``bytes``): a
+    receiver that must read the buffer from a stream can then read it straight into a ``bytes``.
+
+    ``len()`` is the payload's size in bytes, as for a ``Blob``, so size limits apply alike.
+    """
+
+    stream: Blob
+    buffers: tuple[Blob, ...] = ()
+    readonly: tuple[bool, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.stream) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __repr__(self) -> str:  # sizes, not megabytes of content
+        sizes = [memoryview(b).nbytes for b in self.buffers]
+        return (
+            f"Pickled(stream={len(self.stream)} bytes, buffers={sizes}, readonly={self.readonly})"
+        )
+
+
+#: pickled arguments or a pickled result: one blob, or a stream with out-of-band buffers
+Payload: TypeAlias = Blob | Pickled
 
 
 class Kind(enum.IntEnum):
@@ -167,6 +200,19 @@ class _BlobWriter:
         self.frames.append(blob)
         return len(self.frames) - 1
 
+    def put_payload(self, payload: Payload) -> Blob | int | list[Any]:
+        """A ``Pickled`` is written ``[stream, [buffer, ...], [readonly, ...]]``, each part
+        inline or a frame index like any blob: its buffers are never joined into one frame."""
+        if type(payload) is bytes and len(payload) <= self.inline_max:
+            return payload  # the common case first: a small pickle
+        if not isinstance(payload, Pickled):
+            return self.put(payload)
+        return [
+            self.put(payload.stream),
+            [self.put(b) for b in payload.buffers],
+            list(payload.readonly),
+        ]
+
 
 class _BlobReader:
     __slots__ = ("frames",)
@@ -184,6 +230,17 @@ class _BlobReader:
             raise ProtocolError(f"{what}: blob frame {value} does not exist")
         raise ProtocolError(f"{what}: expected bytes or a frame index, got {type(value).__name__}")
 
+    def payload(self, value: Any, what: str) -> Payload:
+        """A blob, or a ``Pickled`` written as ``[stream, [buffer, ...], [readonly, ...]]``."""
+        if type(value) is not list:
+            return self.get(value, what)
+        stream, buffers, readonly = _arity(value, 3, what)
+        parts = tuple(self.get(b, f"{what}.buffers") for b in _list(buffers, f"{what}.buffers"))
+        flags = tuple(_bool(r, f"{what}.readonly") for r in _list(readonly, f"{what}.readonly"))
+        if len(flags) != len(parts):
+            raise ProtocolError(f"{what}: {len(parts)} buffers but {len(flags)} readonly flags")
+        return Pickled(self.get(stream, f"{what}.stream"), parts, flags)
+
 
 # --------------------------------------------------------------------------- records
 
@@ -196,7 +253,7 @@ class TaskSpec:
     name: str
     queue: str
     fn: Blob
-    args: Blob
+    args: Payload
     priority: int = 0
     timeout_s: float | None = None
     retries: int = 0
@@ -216,7 +273,7 @@ class TaskSpec:
             self.name,
             self.queue,
             fn if len(fn) <= blobs.inline_max else blobs.put(fn),
-            args if len(args) <= blobs.inline_max else blobs.put(args),
+            blobs.put_payload(args),
             self.priority,
             self.timeout_s,
             self.retries,
@@ -291,7 +348,7 @@ class TaskSpec:
             name=intern(_str(f[1], "task.name")),
             queue=intern(_str(f[2], "task.queue")),
             fn=blobs.get(f[3], "task.fn"),
-            args=blobs.get(f[4], "task.args"),
+            args=blobs.payload(f[4], "task.args"),
             priority=_int(f[5], "task.priority"),
             timeout_s=_opt_float(f[6], "task.timeout_s"),
             retries=retries,
@@ -322,11 +379,11 @@ class Assignment:
     task_id: str
     name: str
     fn: Blob
-    args: Blob
+    args: Payload
     attempt: int
     timeout_s: float | None
     # (task id, pickled result) of each dependency, for the args' persistent ids
-    deps: tuple[tuple[str, Blob], ...] = ()
+    deps: tuple[tuple[str, Payload], ...] = ()
 
     def to_wire(self, blobs: _BlobWriter) -> list[Any]:
         fn, args = self.fn, self.args
@@ -334,10 +391,10 @@ class Assignment:
             self.task_id,
             self.name,
             fn if len(fn) <= blobs.inline_max else blobs.put(fn),
-            args if len(args) <= blobs.inline_max else blobs.put(args),
+            blobs.put_payload(args),
             self.attempt,
             self.timeout_s,
-            [[dep_id, blobs.put(value)] for dep_id, value in self.deps],
+            [[dep_id, blobs.put_payload(value)] for dep_id, value in self.deps],
         ]
 
     @classmethod
@@ -359,11 +416,11 @@ class Assignment:
             task_id=_str(f[0], "assignment.task_id"),
             name=_str(f[1], "assignment.name"),
             fn=blobs.get(f[2], "assignment.fn"),
-            args=blobs.get(f[3], "assignment.args"),
+            args=blobs.payload(f[3], "assignment.args"),
             attempt=_int(f[4], "assignment.attempt"),
             timeout_s=_opt_float(f[5], "assignment.timeout_s"),
             deps=tuple(
-                (_str(d[0], "assignment.deps.id"), blobs.get(d[1], "assignment.deps.value"))
+                (_str(d[0], "assignment.deps.id"), blobs.payload(d[1], "assignment.deps.value"))
                 for d in (_arity(d, 2, "assignment.deps") for d in _list(f[6], "assignment.deps"))
             ),
         )
@@ -398,7 +455,7 @@ class Outcome:
 
     task_id: str
     status: Status
-    value: Blob = b""
+    value: Payload = b""
     error: ErrorInfo | None = None
     run_s: float = 0.0
 
@@ -407,7 +464,7 @@ class Outcome:
         return [
             self.task_id,
             int(self.status),
-            value if len(value) <= blobs.inline_max else blobs.put(value),
+            blobs.put_payload(value),
             None if self.error is None else self.error.to_wire(),
             self.run_s,
         ]
@@ -433,7 +490,7 @@ class Outcome:
         return cls(
             task_id=_str(f[0], "outcome.task_id"),
             status=status,
-            value=blobs.get(f[2], "outcome.value"),
+            value=blobs.payload(f[2], "outcome.value"),
             error=None if f[3] is None else ErrorInfo.from_wire(f[3]),
             run_s=_float(f[4], "outcome.run_s"),
         )

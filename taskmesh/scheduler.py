@@ -70,6 +70,7 @@ from taskmesh.protocol import (
     Message,
     Outcome,
     Outcomes,
+    Payload,
     PeriodicTask,
     Ready,
     Reconnect,
@@ -1354,7 +1355,7 @@ class Scheduler:
         self.queue_wait.observe(now - record.queued_at)
         worker.credit -= 1
         worker.running.add(spec.task_id)
-        deps: tuple[tuple[str, bytes | memoryview], ...] = ()
+        deps: tuple[tuple[str, Payload], ...] = ()
         if spec.deps:
             deps = tuple(self._dependency_values(spec.deps))
         assignment = Assignment(
@@ -1362,9 +1363,7 @@ class Scheduler:
         )
         self._out_tasks.setdefault(worker.worker_id, []).append(assignment)
 
-    def _dependency_values(
-        self, dep_ids: Iterable[str]
-    ) -> Iterable[tuple[str, bytes | memoryview]]:
+    def _dependency_values(self, dep_ids: Iterable[str]) -> Iterable[tuple[str, Payload]]:
         for dep_id in dict.fromkeys(dep_ids):
             dep = self.tasks.get(dep_id)
             if dep is not None and dep.outcome is not None:  # pinned: always there

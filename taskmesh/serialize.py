@@ -3,15 +3,24 @@
 Functions defined in ``__main__`` (or in a module registered with
 ``cloudpickle.register_pickle_by_value``) travel by value, so workers need no copy of a script.
 Functions from importable modules travel by reference: the worker imports the module.
+
+Large buffers travel out of band (pickle protocol 5): a ``bytes``, ``bytearray`` or
+``memoryview`` of at least ``OUT_OF_BAND_MIN`` bytes, a NumPy array, anything that pickles
+through a ``PickleBuffer``, is left out of the pickle stream and sent as a frame of its own
+(``protocol.Pickled``), so a 100 MB argument is never copied into a pickle on the way out nor
+out of one on the way in. ``bytes`` and ``bytearray`` offer no out-of-band pickling of their
+own, so a persistent id stands in for a large one and unpickles back to the same type; on the
+worker a ``bytes`` argument is read from the supervisor's pipe straight into its final object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
@@ -25,7 +34,15 @@ from taskmesh.errors import (
     TaskTimeout,
     WorkerLost,
 )
-from taskmesh.protocol import Outcome, Status
+from taskmesh.protocol import Blob, Outcome, Payload, Pickled, Status
+
+#: buffers at least this large travel beside the pickle stream instead of inside it
+OUT_OF_BAND_MIN = 64 * 1024
+
+# persistent id tags: what a large buffer unpickles back to
+_BYTES = "bytes"
+_BYTEARRAY = "bytearray"
+_BUFFER_TYPES = (bytes, bytearray)
 
 _fn_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
@@ -81,12 +98,109 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-def dumps_value(value: Any) -> bytes:
-    """Pickle a result or an argument tuple: plain pickle when it is enough, else cloudpickle."""
-    if is_plain(value):
+def _no_large_buffer(values: Iterable[Any]) -> bool:
+    """Whether none of these (plain) values is a buffer worth sending out of band."""
+    return not any(type(v) in _BUFFER_TYPES and len(v) >= OUT_OF_BAND_MIN for v in values)
+
+
+def _plain_and_small(value: Any) -> bool:
+    """Whether ``pickle.dumps`` alone does: plain values and no large buffer among them."""
+    if not is_plain(value):
+        return False
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return _no_large_buffer(value)
+    if kind is dict:
+        return _no_large_buffer(value.values())
+    return _no_large_buffer((value,))
+
+
+class _OutOfBandPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with every large buffer set aside instead of copied into the stream.
+
+    A buffer of immutable memory (``bytes``) is kept as a view of the caller's object: it goes
+    to the socket without a copy. Any other (``bytearray``, a NumPy array) is copied once, here,
+    because the caller may change it while the task waits in a queue or is sent again.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        buffers: list[Blob] = []
+        readonly: list[bool] = []
+
+        def set_aside(buffer: pickle.PickleBuffer) -> bool:
+            """Pickle's ``buffer_callback``: True keeps a small buffer in the stream."""
+            raw = buffer.raw()
+            if raw.nbytes < OUT_OF_BAND_MIN:
+                return True
+            buffers.append(_snapshot(raw))
+            readonly.append(raw.readonly)
+            return False
+
+        # a closure, not a bound method: a pickler in a reference cycle would be freed by the
+        # garbage collector, which may clear a memoryview while a buffer of it is exported
+        super().__init__(file, protocol=5, buffer_callback=set_aside)
+        self.buffers = buffers
+        self.readonly = readonly
+        self._ids: dict[int, tuple[str, pickle.PickleBuffer]] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytes or kind is memoryview or kind is bytearray:
+            return self._buffer_id(obj, kind)
+        return None
+
+    def _buffer_id(self, obj: Any, kind: type) -> tuple[str, pickle.PickleBuffer] | None:
+        """A large ``bytes`` or ``bytearray`` travels as its buffer, tagged with its type. So
+        does a large contiguous ``memoryview``, which unpickles as ``bytes`` as cloudpickle's
+        own reducer makes it do."""
+        pid = self._ids.get(id(obj))
+        if pid is not None:
+            return pid  # the same object again: the stream refers back to the first copy
+        if kind is memoryview:
+            if obj.nbytes < OUT_OF_BAND_MIN or not obj.c_contiguous:
+                return None
+            pid = (_BYTES, pickle.PickleBuffer(obj.toreadonly()))
+        elif len(obj) < OUT_OF_BAND_MIN:
+            return None
+        else:
+            pid = (_BYTES if kind is bytes else _BYTEARRAY, pickle.PickleBuffer(obj))
+        self._ids[id(obj)] = pid
+        return pid
+
+
+def _snapshot(view: memoryview) -> Blob:
+    """The view itself when its memory can never change; else a copy that stays writable
+    when the original is (a NumPy array must unpickle writable)."""
+    if _immutable(view):
+        return view
+    return bytes(view) if view.readonly else memoryview(bytearray(view))
+
+
+def _immutable(view: memoryview) -> bool:
+    """Whether the memory behind a view can never change: it belongs to a ``bytes``."""
+    base: Any = view
+    while isinstance(base, memoryview):
+        base = base.obj
+    return type(base) is bytes
+
+
+def _dumps_out_of_band(value: Any) -> Payload:
+    """cloudpickle with large buffers out of band; one blob when there is none."""
+    file = io.BytesIO()
+    pickler = _OutOfBandPickler(file)
+    pickler.dump(value)
+    stream = file.getvalue()
+    if not pickler.buffers:
+        return stream
+    return Pickled(stream, tuple(pickler.buffers), tuple(pickler.readonly))
+
+
+def dumps_value(value: Any) -> Payload:
+    """Pickle a result or an argument tuple: plain pickle when it is enough, else cloudpickle
+    with large buffers out of band."""
+    if _plain_and_small(value):
         return pickle.dumps(value, protocol=5)
-    blob: bytes = cloudpickle.dumps(value, protocol=5)
-    return blob
+    return _dumps_out_of_band(value)
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -138,18 +252,21 @@ def passthrough(value: Any) -> Any:
 
 def dumps_call(
     name: str, args: Sequence[Any], kwargs: Mapping[str, Any], deps: list[Any] | None = None
-) -> bytes:
+) -> Payload:
     """Pickle a call's arguments; on failure name the argument that cannot travel. The futures
     found among the arguments are appended to ``deps``."""
     try:
-        if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+        if (
+            all(type(a) in _PLAIN for a in args)
+            and all(type(v) in _PLAIN for v in kwargs.values())
+            and _no_large_buffer(args)
+            and _no_large_buffer(kwargs.values())
+        ):
             return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)  # holds no future
         if deps is None:
-            blob: bytes = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
-            return blob
+            return _dumps_out_of_band((tuple(args), dict(kwargs)))
         with collecting_dependencies(deps):
-            blob = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
-        return blob
+            return _dumps_out_of_band((tuple(args), dict(kwargs)))
     except DependencyFailed:
         raise
     except Exception as exc:
@@ -187,12 +304,51 @@ def _picklable(value: Any) -> bool:
     return True
 
 
+class _OutOfBandUnpickler(pickle.Unpickler):
+    """Unpickles a ``Pickled``: its buffers, and the persistent ids of large buffers."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _restore_buffer(pid)
+
+
+def _restore_buffer(pid: Any) -> Any:
+    """What a persistent id of ``_OutOfBandPickler`` stood for."""
+    tag = pid[0] if type(pid) is tuple and len(pid) == 2 else None
+    if tag == _BYTES:
+        return _as_bytes(pid[1])
+    if tag == _BYTEARRAY:
+        return bytearray(pid[1])
+    raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def _as_bytes(buffer: Any) -> bytes:
+    """The buffer as ``bytes``, without a copy when it is one already (a receiver that read it
+    from a stream straight into a ``bytes``)."""
+    if type(buffer) is bytes:
+        return buffer
+    view = memoryview(buffer)
+    base = view.obj
+    while isinstance(base, memoryview):
+        base = base.obj
+    if type(base) is bytes and len(base) == view.nbytes:
+        return base
+    return bytes(view)
+
+
+def loads_payload(payload: Payload) -> Any:
+    """Unpickle arguments or a result, with their out-of-band buffers if they have any."""
+    if not isinstance(payload, Pickled):
+        return pickle.loads(payload)
+    unpickler = _OutOfBandUnpickler(io.BytesIO(payload.stream), buffers=payload.buffers)
+    return unpickler.load()
+
+
 def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
     """Turn an outcome into ``(True, value)`` or ``(False, exception)`` for a future."""
     status = outcome.status
     if status is Status.OK:
         try:
-            return True, pickle.loads(outcome.value)
+            return True, loads_payload(outcome.value)
         except Exception as exc:
             err = SerializationError(
                 f"the result of task {name} [{outcome.task_id}] cannot be unpickled here: "
@@ -225,11 +381,11 @@ def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:
     return False, remote
 
 
-def _load_exception(blob: bytes | memoryview) -> BaseException | None:
+def _load_exception(blob: Payload) -> BaseException | None:
     if not blob:
         return None
     try:
-        loaded = pickle.loads(blob)
+        loaded = loads_payload(blob)
     except Exception:
         return None
     return loaded if isinstance(loaded, BaseException) else None
