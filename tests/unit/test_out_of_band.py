@@ -43,6 +43,7 @@ from taskmesh.protocol import (
 )
 from taskmesh.serialize import (
     OUT_OF_BAND_MIN,
+    dependency_value,
     dumps_call,
     dumps_function,
     dumps_value,
@@ -229,6 +230,32 @@ def test_run_task_takes_and_returns_out_of_band_payloads() -> None:
     assert loads_payload(as_received(value)) == data
 
 
+class ResultOf:
+    """Pickles as a reference to another task's result, as a ``TaskFuture`` argument does."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dependency_value, (self.task_id,))
+
+
+def test_a_large_dependency_result_reaches_the_task_that_refers_to_it() -> None:
+    data = large_bytes()
+    dep_value = as_received(dumps_value(data))
+    assert isinstance(dep_value, Pickled)
+    status, value, error = run_task(
+        _FunctionCache(),
+        "t2",
+        "echo",
+        dumps_function(echo),
+        dumps_call("echo", (ResultOf("t1"),), {}),
+        [("t1", dep_value)],
+    )
+    assert (status, error) == (Status.OK, None)
+    assert loads_payload(as_received(value)) == data
+
+
 # --------------------------------------------------------------------------- the wire
 
 
@@ -246,6 +273,7 @@ def test_each_buffer_is_a_frame_of_its_own_in_every_carrier() -> None:
     messages: list[tuple[bytes, Any]] = [
         (PRODUCER, Submit([task_spec(payload)])),
         (WORKER, Tasks([Assignment("t1", "mod.f", b"fn", payload, 1, None)])),
+        (WORKER, Tasks([Assignment("t1", "mod.f", b"fn", b"args", 1, None, (("t0", payload),))])),
         (WORKER, Results([Outcome("t1", Status.OK, payload)], credit=1)),
         (PRODUCER, Outcomes([Outcome("t1", Status.OK, payload)])),
     ]
