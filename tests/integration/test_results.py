@@ -162,8 +162,10 @@ def test_an_awaited_remote_exception_raises_in_the_coroutine(client: Client) -> 
 
 
 def test_as_completed_yields_futures_as_they_finish(client: Client, gate) -> None:
-    slow = _tasks.gated.submit(5, str(gate), _client=client)  # blocked until released
+    # the quick tasks go first: an executor may hold a few short tasks at once, and one queued
+    # behind the gated task in the same executor would wait for it
     fast = [client.submit(_tasks.add, i, 1) for i in range(3)]
+    slow = _tasks.gated.submit(5, str(gate), _client=client)  # blocked until released
     finished = taskmesh.as_completed([slow, *fast], timeout=30)
     first_three = [next(finished) for _ in range(3)]
     assert set(first_three) == set(fast)
