@@ -321,6 +321,7 @@ def _read_bytes(fd: int, size: int) -> bytes:
     except OSError:  # not a socket: a plain pipe
         return bytes(_read_writable(fd, size))
     try:
+        sock.settimeout(None)  # blocking, as the Connection needs it, whatever the default
         data = sock.recv(size, socket.MSG_WAITALL)
     finally:
         sock.detach()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import array
 import io
 import multiprocessing
+import os
 import pickle
+import socket
 import threading
 from typing import Any
 
@@ -381,3 +383,20 @@ def test_a_numpy_result_crosses_the_pipe_writable() -> None:
     value = loads_payload(from_pipe(got))
     assert np.array_equal(value, array_)
     assert value.flags.writeable
+
+
+def test_the_pipe_stays_blocking_whatever_the_default_socket_timeout() -> None:
+    left, right = multiprocessing.Pipe(duplex=True)
+    data = large_bytes()
+    sender = threading.Thread(target=send_message, args=(left, [pipe_form(dumps_value(data))]))
+    socket.setdefaulttimeout(0.5)  # user code may set it in an executor
+    try:
+        sender.start()
+        (got,) = recv_message(right)
+        sender.join(timeout=10)
+        assert os.get_blocking(right.fileno())  # the Connection relies on it
+    finally:
+        socket.setdefaulttimeout(None)
+        left.close()
+        right.close()
+    assert loads_payload(from_pipe(got)) == data
