@@ -42,7 +42,6 @@ OUT_OF_BAND_MIN = 64 * 1024
 # persistent id tags: what a large buffer unpickles back to
 _BYTES = "bytes"
 _BYTEARRAY = "bytearray"
-_BUFFER_TYPES = (bytes, bytearray)
 
 _fn_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
@@ -98,21 +97,27 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-def _no_large_buffer(values: Iterable[Any]) -> bool:
-    """Whether none of these (plain) values is a buffer worth sending out of band."""
-    return not any(type(v) in _BUFFER_TYPES and len(v) >= OUT_OF_BAND_MIN for v in values)
+def _small_plain(values: Iterable[Any]) -> bool:
+    """Whether every value is plain and none a buffer worth sending out of band."""
+    for v in values:
+        kind = type(v)
+        if kind not in _PLAIN:
+            return False
+        if (kind is bytes or kind is bytearray) and len(v) >= OUT_OF_BAND_MIN:
+            return False
+    return True
 
 
 def _plain_and_small(value: Any) -> bool:
-    """Whether ``pickle.dumps`` alone does: plain values and no large buffer among them."""
-    if not is_plain(value):
-        return False
+    """Whether ``pickle.dumps`` alone does: ``is_plain`` and no large buffer among them."""
     kind = type(value)
+    if kind in _PLAIN:
+        return not ((kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_MIN)
     if kind is list or kind is tuple:
-        return _no_large_buffer(value)
+        return _small_plain(value)
     if kind is dict:
-        return _no_large_buffer(value.values())
-    return _no_large_buffer((value,))
+        return all(type(k) in _PLAIN for k in value) and _small_plain(value.values())
+    return False
 
 
 class _OutOfBandPickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -256,12 +261,7 @@ def dumps_call(
     """Pickle a call's arguments; on failure name the argument that cannot travel. The futures
     found among the arguments are appended to ``deps``."""
     try:
-        if (
-            all(type(a) in _PLAIN for a in args)
-            and all(type(v) in _PLAIN for v in kwargs.values())
-            and _no_large_buffer(args)
-            and _no_large_buffer(kwargs.values())
-        ):
+        if _small_plain(args) and _small_plain(kwargs.values()):
             return pickle.dumps((tuple(args), dict(kwargs)), protocol=5)  # holds no future
         if deps is None:
             return _dumps_out_of_band((tuple(args), dict(kwargs)))
