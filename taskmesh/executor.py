@@ -233,7 +233,7 @@ def executor_main(conn: Connection, progress: Any, worker_name: str) -> None:
             progress[PROGRESS_STARTED] = started
             progress[PROGRESS_SEQ] = seq
             args = from_pipe(args_blob)
-            received = [(dep_id, from_pipe(value)) for dep_id, value in deps]
+            received = [(dep_id, from_pipe(value)) for dep_id, value in deps] if deps else ()
             status, value, error = run_task(cache, task_id, name, bytes(fn_blob), args, received)
             finished = clock()
             progress[PROGRESS_SEQ] = IDLE
@@ -250,6 +250,8 @@ def out_of_band(blob: Any) -> Any:
 def to_pipe(payload: Payload) -> Any:
     """A payload as it crosses the pipe: a blob, or ``(stream, buffers)`` whose buffers each
     cross as raw bytes, read-only or writable as the unpickled object expects."""
+    if type(payload) is bytes and len(payload) <= LARGE_BLOB:
+        return payload  # the common case first: a small pickle
     if not isinstance(payload, Pickled):
         return out_of_band(payload)
     buffers = tuple(
