@@ -305,10 +305,20 @@ def _picklable(value: Any) -> bool:
 
 
 class _OutOfBandUnpickler(pickle.Unpickler):
-    """Unpickles a ``Pickled``: its buffers, and the persistent ids of large buffers."""
+    """Unpickles a ``Pickled``: its buffers, and the persistent ids of large buffers. An object
+    the stream refers to twice (the same persistent id) is restored once, as pickle would."""
+
+    def __init__(self, file: io.BytesIO, buffers: Iterable[Any]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._restored: dict[int, tuple[Any, Any]] = {}  # id(pid): (pid, what it stood for)
 
     def persistent_load(self, pid: Any) -> Any:
-        return _restore_buffer(pid)
+        seen = self._restored.get(id(pid))
+        if seen is not None and seen[0] is pid:
+            return seen[1]
+        value = _restore_buffer(pid)
+        self._restored[id(pid)] = (pid, value)
+        return value
 
 
 def _restore_buffer(pid: Any) -> Any:
