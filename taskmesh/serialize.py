@@ -120,32 +120,35 @@ def _plain_and_small(value: Any) -> bool:
     return False
 
 
-class _OutOfBandPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with every large buffer set aside instead of copied into the stream.
-
-    A buffer of immutable memory (``bytes``) is kept as a view of the caller's object: it goes
-    to the socket without a copy. Any other (``bytearray``, a NumPy array) is copied once, here,
-    because the caller may change it while the task waits in a queue or is sent again.
-    """
+class _BufferPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with every large ``PickleBuffer`` (a NumPy array's, say) set aside instead
+    of copied into the stream."""
 
     def __init__(self, file: io.BytesIO) -> None:
-        buffers: list[Blob] = []
-        readonly: list[bool] = []
+        raws: list[memoryview] = []
 
         def set_aside(buffer: pickle.PickleBuffer) -> bool:
             """Pickle's ``buffer_callback``: True keeps a small buffer in the stream."""
             raw = buffer.raw()
             if raw.nbytes < OUT_OF_BAND_MIN:
                 return True
-            buffers.append(_snapshot(raw))
-            readonly.append(raw.readonly)
+            raws.append(raw)
             return False
 
         # a closure, not a bound method: a pickler in a reference cycle would be freed by the
         # garbage collector, which may clear a memoryview while a buffer of it is exported
         super().__init__(file, protocol=5, buffer_callback=set_aside)
-        self.buffers = buffers
-        self.readonly = readonly
+        self.raws = raws
+
+
+class _OutOfBandPickler(_BufferPickler):
+    """Also sets aside large ``bytes``, ``bytearray`` and ``memoryview`` objects, which have no
+    out-of-band pickling of their own, through persistent ids. Pickle then calls
+    ``persistent_id`` for every object, which costs, so this pickler is kept for values known
+    to hold such a buffer (``_holds_large_buffer``)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
         self._ids: dict[int, tuple[str, pickle.PickleBuffer]] = {}
 
     def persistent_id(self, obj: Any) -> Any:
@@ -173,6 +176,43 @@ class _OutOfBandPickler(cloudpickle.Pickler):  # type: ignore[misc]
         return pid
 
 
+#: how many objects ``_holds_large_buffer`` looks at before it gives up
+_SCAN_BUDGET = 10_000
+
+
+def _large_buffer(obj: Any) -> bool:
+    kind = type(obj)
+    if kind is bytes or kind is bytearray:
+        return len(obj) >= OUT_OF_BAND_MIN
+    return kind is memoryview and obj.nbytes >= OUT_OF_BAND_MIN
+
+
+def _holds_large_buffer(value: Any) -> bool:
+    """Whether a large ``bytes``, ``bytearray`` or ``memoryview`` is in ``value``: in it or in
+    its containers and instance attributes, among the first ``_SCAN_BUDGET`` objects. One found
+    later is pickled into the stream: slower, never wrong."""
+    pending = [value]
+    for _ in range(_SCAN_BUDGET):
+        if not pending:
+            return False
+        obj = pending.pop()
+        if _large_buffer(obj):
+            return True
+        kind = type(obj)
+        if kind is list or kind is tuple or kind is set or kind is frozenset:
+            pending.extend(obj)
+        elif kind is dict:
+            pending.extend(obj.values())
+        elif not isinstance(obj, type):
+            try:
+                attributes = obj.__dict__
+            except Exception:  # no __dict__, or a __getattr__ that fails: nothing to look in
+                continue
+            if type(attributes) is dict:
+                pending.extend(attributes.values())
+    return False
+
+
 def _snapshot(view: memoryview) -> Blob:
     """The view itself when its memory can never change; else a copy that stays writable
     when the original is (a NumPy array must unpickle writable)."""
@@ -192,12 +232,14 @@ def _immutable(view: memoryview) -> bool:
 def _dumps_out_of_band(value: Any) -> Payload:
     """cloudpickle with large buffers out of band; one blob when there is none."""
     file = io.BytesIO()
-    pickler = _OutOfBandPickler(file)
+    pickler_type = _OutOfBandPickler if _holds_large_buffer(value) else _BufferPickler
+    pickler = pickler_type(file)
     pickler.dump(value)
     stream = file.getvalue()
-    if not pickler.buffers:
+    raws = pickler.raws
+    if not raws:
         return stream
-    return Pickled(stream, tuple(pickler.buffers), tuple(pickler.readonly))
+    return Pickled(stream, tuple(_snapshot(r) for r in raws), tuple(r.readonly for r in raws))
 
 
 def dumps_value(value: Any) -> Payload:

@@ -173,6 +173,41 @@ def test_large_buffers_nested_in_containers_and_objects_travel_out_of_band() -> 
     assert got["fn"](3) == 3
 
 
+class Holder:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+
+class Fussy:
+    """An object whose attribute lookups all fail, even ``__dict__``."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"no {name} here")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Fussy, ())
+
+
+def test_a_large_buffer_in_an_object_attribute_travels_out_of_band() -> None:
+    data = large_bytes()
+    payload = dumps_call("f", (Holder(data), Fussy()), {})
+    assert isinstance(payload, Pickled)
+    assert base_of(payload.buffers[0]) is data
+    (holder, fussy), _ = loads_payload(as_received(payload))
+    assert holder.blob == data
+    assert isinstance(fussy, Fussy)
+
+
+def test_a_large_buffer_beyond_the_scan_still_round_trips_in_the_stream() -> None:
+    data = large_bytes()
+    value = [[data], list(range(20_000))]  # the scan gives up before it reaches the buffer
+    payload = dumps_value(value)
+    assert isinstance(payload, bytes)
+    assert pickle.loads(payload) == value
+
+
 def test_the_same_buffer_twice_is_sent_once() -> None:
     data = large_bytes()
     payload = dumps_value([data, data])
