@@ -11,6 +11,8 @@ through a ``PickleBuffer``, is left out of the pickle stream and sent as a frame
 out of one on the way in. ``bytes`` and ``bytearray`` offer no out-of-band pickling of their
 own, so a persistent id stands in for a large one and unpickles back to the same type; on the
 worker a ``bytes`` argument is read from the supervisor's pipe straight into its final object.
+Persistent ids cost a call per pickled object, so they are used only when a bounded look
+through the value finds such a buffer (``_holds_large_buffer``).
 """
 
 from __future__ import annotations
