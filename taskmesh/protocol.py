@@ -32,7 +32,7 @@ import msgpack
 
 from taskmesh.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: dependencies, routes, schedules, start reports, payload arrays
 PRODUCER = b"TMP" + bytes([PROTOCOL_VERSION])
 WORKER = b"TMW" + bytes([PROTOCOL_VERSION])
 SIGNATURES = (PRODUCER, WORKER)

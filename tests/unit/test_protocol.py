@@ -279,7 +279,7 @@ MALFORMED: dict[str, list[Any]] = {
     "three byte signature": [b"TMP", bytes([Kind.HEARTBEAT]), msgpack.packb([])],
     "long signature": [PRODUCER + b"x", bytes([Kind.HEARTBEAT]), msgpack.packb([])],
     "version 0": [b"TMP\x00", bytes([Kind.HEARTBEAT]), msgpack.packb([])],
-    "version 2 worker": [b"TMW\x02", bytes([Kind.HEARTBEAT]), msgpack.packb([])],
+    "version 3 worker": [b"TMW\x03", bytes([Kind.HEARTBEAT]), msgpack.packb([])],
     "empty kind": [PRODUCER, b"", msgpack.packb([])],
     "two byte kind": [PRODUCER, b"\x70\x00", msgpack.packb([])],
     "unknown kind 0x00": [PRODUCER, b"\x00", msgpack.packb([])],
@@ -368,8 +368,8 @@ def test_malformed_frames_raise_protocol_error(frames: list[bytes]) -> None:
 
 
 def test_unsupported_version_is_named_in_the_error() -> None:
-    with pytest.raises(ProtocolError, match="version 2"):
-        decode([b"TMP\x02", bytes([Kind.HEARTBEAT]), msgpack.packb([])])
+    with pytest.raises(ProtocolError, match="version 1 is not supported"):
+        decode([b"TMP\x01", bytes([Kind.HEARTBEAT]), msgpack.packb([])])
 
 
 def test_unknown_outcome_status_is_named_in_the_error() -> None:
@@ -401,7 +401,7 @@ msgpack_values = st.recursive(
     lambda children: st.lists(children, max_size=6) | st.dictionaries(texts, children, max_size=4),
     max_leaves=30,
 )
-signatures = st.sampled_from([*SIGNATURES, b"TMP\x02", b"TMW\x00", b"TMX\x01", b""])
+signatures = st.sampled_from([*SIGNATURES, b"TMP\x01", b"TMW\x03", b"TMX\x02", b""])
 kind_bytes = st.sampled_from([bytes([k]) for k in Kind]) | st.binary(max_size=2)
 blob_frames = st.lists(st.binary(max_size=16), max_size=3)
 
