@@ -220,7 +220,7 @@ class Client(Executor):
                 float(options.retry_backoff),
                 options.retry_names,
                 options.rate_per_s,
-                tuple(dict.fromkeys(f.task_id for f in found)),
+                tuple(dict.fromkeys(f.task_id for f in found)) if found else (),
                 options.route,
             )
             self._check_size(spec)
