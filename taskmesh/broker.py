@@ -95,6 +95,7 @@ class Broker:
                 max_message_bytes=config.max_message_bytes,
                 routes=parse_routes(config.routes),
                 priority_aging_s=config.priority_aging_s,
+                journaled=not isinstance(self.journal, MemoryJournal),
             ),
             broker_id=self.broker_id,
             wall_offset=time.time() - time.monotonic(),

@@ -323,7 +323,7 @@ class ExecutorPool:
                         task.task_id,
                         info.type_name if info else "?",
                     )
-                outcome = p.Outcome(task.task_id, p.Status(status), from_pipe(value), info, run_s)
+                outcome = p.Outcome(task.task_id, p.STATUS_OF[status], from_pipe(value), info, run_s)
                 self._outcomes.append(outcome)
 
     def _died(self, ex: _Executor) -> None:

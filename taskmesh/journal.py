@@ -35,7 +35,7 @@ from taskmesh.protocol import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per task, and frozen costs 3x
 class PendingTask:
     """A task that had not finished: it is queued again on recovery."""
 
@@ -47,7 +47,7 @@ class PendingTask:
     not_before: float | None = None  # wall time
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinishedTask:
     """A task whose outcome its producer may not have received yet."""
 

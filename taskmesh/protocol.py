@@ -122,6 +122,8 @@ class Status(enum.IntEnum):
 
 
 _STATUSES = {int(s): s for s in Status}
+#: a status from its wire value: a dict lookup, where calling the enum costs ten times more
+STATUS_OF = _STATUSES
 
 # --------------------------------------------------------------------------- field checks
 

@@ -138,6 +138,7 @@ class SchedulerConfig:
     max_message_bytes: int = 0  # announced in Welcome; 0 when unlimited
     routes: tuple[tuple[str, Route], ...] = ()  # (queue, strategy); unnamed queues: least-loaded
     priority_aging_s: float = 0.0  # 0: strict priorities; else one level gained per this wait
+    journaled: bool = True  # False (--journal :memory:): build no journal records at all
 
 
 class TaskRecord:
@@ -517,7 +518,10 @@ class Scheduler:
         not_before = None
         if spec.countdown_s > 0:
             not_before = now + spec.countdown_s + self.wall_offset
-        self.journal.submitted.append(PendingTask(spec, client_id, record.seq, 0, 0, not_before))
+        if self.config.journaled:
+            self.journal.submitted.append(
+                PendingTask(spec, client_id, record.seq, 0, 0, not_before)
+            )
         if spec.deps and self._await_dependencies(record, now):
             return
         self._place(record, now)
@@ -637,7 +641,8 @@ class Scheduler:
         record = self.tasks.get(task_id)
         if record is not None and record.state in TERMINAL:
             del self.tasks[task_id]
-            self.journal.forgotten.append(task_id)
+            if self.config.journaled:
+                self.journal.forgotten.append(task_id)
 
     # ------------------------------------------------------------------ periodic tasks
 
@@ -1058,7 +1063,10 @@ class Scheduler:
             self._delay(record, now + delay_s)
         else:
             self._enqueue(record, now)
-        self.journal.requeued.append((record.spec.task_id, record.lost, record.errors, not_before))
+        if self.config.journaled:
+            self.journal.requeued.append(
+                (record.spec.task_id, record.lost, record.errors, not_before)
+            )
 
     # ------------------------------------------------------------------ task lifecycle
 
@@ -1159,16 +1167,17 @@ class Scheduler:
             )
             del self.recent_failures[: -self.config.recent_failures]
         self._retired[record.spec.task_id] = now
-        self.journal.finished.append(
-            FinishedTask(
-                record.spec.task_id,
-                record.client_id,
-                str(state),
-                outcome,
-                now + self.wall_offset,
-                record.seq,
+        if self.config.journaled:
+            self.journal.finished.append(
+                FinishedTask(
+                    record.spec.task_id,
+                    record.client_id,
+                    str(state),
+                    outcome,
+                    now + self.wall_offset,
+                    record.seq,
+                )
             )
-        )
         self._deliver(record, outcome)
         if record.spec.deps:
             self._unpin(record.spec.deps)
