@@ -187,6 +187,10 @@ class ExecutorPool:
             ids.extend(task.task_id for _, task in ex.tasks)
         return ids
 
+    def handed(self) -> list[str]:
+        """The tasks given to executors: running, or queued in an executor's pipe."""
+        return [task.task_id for ex in self._executors for _, task in ex.tasks]
+
     def held_count(self) -> int:
         return len(self.backlog) + sum(len(ex.tasks) for ex in self._executors)
 
@@ -291,12 +295,16 @@ class ExecutorPool:
             ex.kill(p.Status.CANCELLED, -1)  # it holds no task: nothing is reported
 
     def _read(self, ex: _Executor) -> None:
-        # Connection.poll() builds a selector on every call: a plain select is a tenth of that,
-        # and this runs for every batch of outcomes
-        fd = ex.conn.fileno() if not ex.conn.closed else -1
-        while fd >= 0:
+        # Connection.poll() builds a selector on every call: a poll object of our own is a tenth
+        # of that (and, unlike select, takes any descriptor number), and this runs for every
+        # batch of outcomes
+        if ex.conn.closed:
+            return
+        readable = select.poll()
+        readable.register(ex.conn.fileno(), select.POLLIN)
+        while True:
             try:
-                if not select.select((fd,), (), (), 0)[0]:
+                if not readable.poll(0):
                     return
                 results = recv_message(ex.conn)
             except (EOFError, OSError):
@@ -323,7 +331,9 @@ class ExecutorPool:
                         task.task_id,
                         info.type_name if info else "?",
                     )
-                outcome = p.Outcome(task.task_id, p.STATUS_OF[status], from_pipe(value), info, run_s)
+                outcome = p.Outcome(
+                    task.task_id, p.STATUS_OF[status], from_pipe(value), info, run_s
+                )
                 self._outcomes.append(outcome)
 
     def _died(self, ex: _Executor) -> None:
@@ -339,6 +349,9 @@ class ExecutorPool:
         how = _signal_name(ex.process.exitcode)
         back: list[p.Assignment] = []
         for task_seq, task in held:
+            if task_seq != seq and task_seq in ex.cancelled:
+                self._report(task, p.Status.CANCELLED, TaskCancelled, "was cancelled")
+                continue
             if task_seq != seq:
                 back.append(task)  # finished unreported, or never started: run it (again) here
                 continue

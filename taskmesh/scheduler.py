@@ -757,7 +757,9 @@ class Scheduler:
                     aborts.setdefault(worker.worker_id, []).append(task_id)
                 elif task_id not in worker.started:
                     # sent ahead to a busy worker and not started there: it can still be
-                    # dropped, so cancel means the same whether it waits here or there
+                    # dropped, so cancel means the same whether it waits here or there. Marked,
+                    # so that a requeue (drain, death, reconnect) cancels it instead
+                    record.cancel_requested = True
                     gentle.setdefault(worker.worker_id, []).append(task_id)
                 continue
             self._leave_state(record)
@@ -869,7 +871,8 @@ class Scheduler:
         record.worker_id = worker.worker_id
         record.started_at = now
         worker.running.add(task_id)
-        worker.started.add(task_id)  # it may be running there: count it as started
+        if record.cancel_requested:  # its ABORT may have gone down with the old connection
+            self._immediate.append(Send(worker.address, WORKER, Abort([task_id], terminate=False)))
 
     def _grant(self, worker: WorkerRecord, n: int) -> list[Send]:
         if n < 0 or worker.credit + n > _MAX_CREDIT:

@@ -206,8 +206,11 @@ class WorkerNode:
         )
         self._send(ready)
         self._registered_at = time.monotonic()
-        if self._unacked:
-            self._send(p.Results(list(self._unacked.values()), 0))
+        # starts said on a lost connection (or while the broker was away) are said again:
+        # everything handed to an executor may have started
+        started = self.pool.handed()
+        if self._unacked or started:
+            self._send(p.Results(list(self._unacked.values()), 0, started))
 
     def _send(self, msg: p.Message) -> None:
         assert self._sock is not None

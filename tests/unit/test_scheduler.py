@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from taskmesh.journal import PendingTask, Recovery
 from taskmesh.protocol import (
     PRODUCER,
     WORKER,
@@ -28,6 +29,7 @@ from taskmesh.protocol import (
     Outcomes,
     Ready,
     Reconnect,
+    Release,
     Results,
     ResultsAck,
     Status,
@@ -961,6 +963,48 @@ def test_cancel_without_terminate_drops_a_task_the_worker_has_not_started() -> N
         "t1": Status.OK,
         "t2": Status.CANCELLED,
     }
+
+
+@pytest.mark.parametrize("then", ["drain", "death", "new socket"])
+def test_a_cancel_sent_to_a_worker_survives_the_task_coming_back(then: str) -> None:
+    m = Mesh()
+    m.hello()
+    m.ready(credit=2)
+    m.submit(spec("busy"), spec("waiting"))
+    m.flush(start=False)
+    m.worker(Results([], 0, ["busy"]))
+    m.producer(Cancel(["waiting"], terminate=False))  # its ABORT is lost in what follows
+    if then == "drain":
+        m.worker(Release(["waiting"]))
+    elif then == "death":
+        m.now = 2.0
+        m.producer(Heartbeat())
+        m.tick(3.5)
+    else:  # the same worker on a new socket, no longer holding it
+        m.worker(Ready("w1", "w1", "host", 2, ["default"], 2, 1, ["busy"]), W2)
+    m.ready(W3, "w3", credit=5)
+    assert "waiting" not in assigned(m.flush(), W3)  # not run elsewhere: cancelled instead
+    assert {o.task_id: o.status for o in outcomes(m.sent)} == {"waiting": Status.CANCELLED}
+
+
+def test_after_a_broker_restart_only_reported_starts_are_charged() -> None:
+    m = Mesh()
+    recovery = Recovery(
+        pending=[
+            PendingTask(spec("ran"), "client-1", 0),
+            PendingTask(spec("waited"), "client-1", 1),
+        ],
+        finished=[],
+    )
+    m.s.restore(recovery, 0.0)
+    m.hello()
+    # the worker held both across the restart: one in an executor, one in its backlog
+    m.worker(Ready("w1", "w1", "host", 2, ["default"], 2, 0, ["ran", "waited"]))
+    m.worker(Results([], 0, ["ran"]))  # what a worker says right after registering
+    m.now = 2.0
+    m.producer(Heartbeat())
+    m.tick(3.5)  # it dies
+    assert (m.s.tasks["ran"].lost, m.s.tasks["waited"].lost) == (1, 0)
 
 
 def test_cancel_of_a_delayed_task() -> None:
