@@ -284,6 +284,14 @@ class Broker:
         if len(frames) < 2:
             return []
         address = frames[0].bytes
+        limit = self.config.max_message_bytes
+        if limit and len(frames) > 4 and sum(len(f) for f in frames) > limit:
+            # MAXMSGSIZE bounds each frame; a payload split over many frames is bounded here
+            log.warning("dropped a message of %d frames over --max-message-bytes", len(frames))
+            sig = bytes(frames[1].bytes[:4])
+            if sig in p.SIGNATURES:
+                return [Send(address, sig, p.Error("protocol", "message over the size limit"))]
+            return []
         try:
             signature, msg = p.decode(frames[1:])
         except ProtocolError as exc:

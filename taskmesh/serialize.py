@@ -151,7 +151,10 @@ class _OutOfBandPickler(_BufferPickler):
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
-        self._ids: dict[int, tuple[str, pickle.PickleBuffer]] = {}
+        # id(obj) -> (obj, its persistent id): holding obj keeps its id from being reused by
+        # another object while the dump runs (a memoryview built by a __reduce__ may be freed
+        # before the next one is made, at the same address)
+        self._ids: dict[int, tuple[Any, tuple[str, pickle.PickleBuffer]]] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
@@ -163,9 +166,9 @@ class _OutOfBandPickler(_BufferPickler):
         """A large ``bytes`` or ``bytearray`` travels as its buffer, tagged with its type. So
         does a large contiguous ``memoryview``, which unpickles as ``bytes`` as cloudpickle's
         own reducer makes it do."""
-        pid = self._ids.get(id(obj))
-        if pid is not None:
-            return pid  # the same object again: the stream refers back to the first copy
+        seen = self._ids.get(id(obj))
+        if seen is not None and seen[0] is obj:
+            return seen[1]  # the same object again: the stream refers back to the first copy
         if kind is memoryview:
             if obj.nbytes < OUT_OF_BAND_MIN or not obj.c_contiguous:
                 return None
@@ -174,12 +177,13 @@ class _OutOfBandPickler(_BufferPickler):
             return None
         else:
             pid = (_BYTES if kind is bytes else _BYTEARRAY, pickle.PickleBuffer(obj))
-        self._ids[id(obj)] = pid
+        self._ids[id(obj)] = (obj, pid)
         return pid
 
 
 #: how many objects ``_holds_large_buffer`` looks at before it gives up
 _SCAN_BUDGET = 10_000
+_SCALARS = frozenset({int, float, str, bool, type(None), complex})
 
 
 def _large_buffer(obj: Any) -> bool:
@@ -198,17 +202,19 @@ def _holds_large_buffer(value: Any) -> bool:
         if not pending:
             return False
         obj = pending.pop()
+        kind = type(obj)
+        if kind in _SCALARS:
+            continue  # most of what a call holds: nothing inside, nothing to look up
         if _large_buffer(obj):
             return True
-        kind = type(obj)
         if kind is list or kind is tuple or kind is set or kind is frozenset:
             pending.extend(obj)
         elif kind is dict:
             pending.extend(obj.values())
         elif not isinstance(obj, type):
             try:
-                attributes = obj.__dict__
-            except Exception:  # no __dict__, or a __getattr__ that fails: nothing to look in
+                attributes = getattr(obj, "__dict__", None)
+            except Exception:  # a __getattr__ that fails: nothing to look in
                 continue
             if type(attributes) is dict:
                 pending.extend(attributes.values())
@@ -393,8 +399,19 @@ def loads_payload(payload: Payload) -> Any:
     """Unpickle arguments or a result, with their out-of-band buffers if they have any."""
     if not isinstance(payload, Pickled):
         return pickle.loads(payload)
-    unpickler = _OutOfBandUnpickler(io.BytesIO(payload.stream), buffers=payload.buffers)
+    buffers = [
+        _writable(b) if not readonly else b
+        for b, readonly in zip(payload.buffers, payload.readonly, strict=False)
+    ]
+    unpickler = _OutOfBandUnpickler(io.BytesIO(payload.stream), buffers=buffers)
     return unpickler.load()
+
+
+def _writable(buffer: Any) -> Any:
+    """A buffer pickled writable (a NumPy array's) must unpickle writable, also when it came
+    inside a message body or from the journal, as read-only ``bytes``."""
+    view = memoryview(buffer)
+    return view if not view.readonly else memoryview(bytearray(view))
 
 
 def load_outcome(outcome: Outcome, name: str) -> tuple[bool, Any]:

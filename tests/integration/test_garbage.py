@@ -88,6 +88,17 @@ def test_wrong_version_unknown_signature_and_oversize_are_dropped(mesh: Mesh, ra
 
 
 @pytest.mark.timeout(60)
+def test_a_message_over_the_limit_in_many_small_frames_is_refused(mesh: Mesh, raw: Any) -> None:
+    # each frame is under MAXMSGSIZE, the whole is not: a payload split into buffer frames
+    frames = [p.PRODUCER, bytes([p.Kind.STATUS]), msgpack.packb([])]
+    frames += [b"\0" * (MAX_MESSAGE // 4)] * 8
+    raw.send_multipart(frames)
+    reply = _reply(raw)
+    assert isinstance(reply, p.Error) and "size limit" in reply.message
+    _still_serves(mesh)
+
+
+@pytest.mark.timeout(60)
 def test_raw_tcp_noise(mesh: Mesh) -> None:
     host, port = mesh.url[len("tcp://") :].rsplit(":", 1)
     for payload in (b"\xff" * 64, b"GET / HTTP/1.0\r\n\r\n", bytes(range(256)) * 50, b""):

@@ -437,3 +437,62 @@ def test_the_pipe_stays_blocking_whatever_the_default_socket_timeout() -> None:
         left.close()
         right.close()
     assert loads_payload(from_pipe(got)) == data
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+class _ViewState:
+    """Hands pickle a fresh memoryview as its state: short-lived, one per object."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __getstate__(self) -> memoryview:
+        return memoryview(self.data)
+
+    def __setstate__(self, state: bytes) -> None:
+        self.data = bytes(state)
+
+
+def test_short_lived_views_are_not_mistaken_for_each_other() -> None:
+    # each view may be freed before the next is made, at the same address: an id() cache that
+    # did not keep them alive sent the first one's bytes for all of them
+    values = [_ViewState(bytes([i]) * 100_000) for i in range(5)]
+    restored = loads_payload(dumps_value(values))
+    assert [v.data[0] for v in restored] == [0, 1, 2, 3, 4]
+
+
+class _ArrayLike:
+    """Like a NumPy array: its buffer pickles out of band and it rebuilds over what it gets."""
+
+    def __init__(self, buffer: Any) -> None:
+        self.buffer = buffer
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (_array_like, (pickle.PickleBuffer(self.buffer),))
+
+
+def _array_like(buffer: Any) -> _ArrayLike:
+    return _ArrayLike(memoryview(buffer))
+
+
+@pytest.mark.parametrize("size", [OUT_OF_BAND_MIN, OUT_OF_BAND_MIN + 1])
+def test_a_writable_buffer_comes_back_writable_by_every_path(size: int) -> None:
+    payload = dumps_value(_ArrayLike(bytearray(size)))
+    assert isinstance(payload, Pickled) and payload.readonly == (False,)
+    outcome = Outcome("t", Status.OK, payload)
+    over_the_wire = decode(encode(WORKER, Outcomes([outcome])))[1]
+    assert isinstance(over_the_wire, Outcomes)
+    from_journal = unpack_outcome(pack_outcome(outcome))
+    for received in (over_the_wire.outcomes[0].value, from_journal.value):
+        restored = loads_payload(received)
+        assert not restored.buffer.readonly
+        restored.buffer[0] = 1  # what `array += 1` does
+
+
+def test_the_scan_finds_a_buffer_behind_many_scalars() -> None:
+    value = {"numbers": list(range(5_000)), "blob": bytes(OUT_OF_BAND_MIN)}
+    payload = dumps_value(value)
+    assert isinstance(payload, Pickled) and len(payload.buffers) == 1
+    assert loads_payload(payload) == value
