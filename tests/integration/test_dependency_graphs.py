@@ -30,7 +30,8 @@ def test_fan_out_then_fan_in_with_futures_nested_in_containers(client) -> None: 
     assert echoed["squares"] == [i * i for i in range(20)]
     assert echoed["pair"] == (0, [1])
     # in keyword arguments too
-    assert client.submit(_tasks.echo, value={"k": [squares[5]]}).result(timeout=30) == {"k": [25]}
+    fresh = _tasks.square.submit(7, _client=client)
+    assert client.submit(_tasks.echo, value={"k": [fresh]}).result(timeout=30) == {"k": [49]}
     # a finished future travels as its value; an unfinished one as a reference: same answer
     assert client.submit(_tasks.add, squares[3], squares[4]).result(timeout=30) == 25
 
