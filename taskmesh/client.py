@@ -738,28 +738,25 @@ class Client(Executor):
                     if now - at > self.config.connect_timeout_s
                 ]
             for ack_id in late:
-                self._answer_control(
-                    ack_id,
-                    BrokerUnavailable(
-                        f"no broker answered within {self.config.connect_timeout_s:g}s at "
-                        f"{self.broker}: " + _check_hint(self._watch.hint, self._curve is not None)
-                    ),
-                )
+                self._answer_control(ack_id, self._unavailable("answered"))
         if not self._unacked:
             return
         limit = self.config.connect_timeout_s
         expired = [t for t, (sent, _) in self._unacked.items() if now - sent > limit]
         if not expired:
             return
-        error: TaskmeshError = BrokerUnavailable(
-            f"no broker acknowledged the task within {limit:g}s at {self.broker}: "
-            + _check_hint(self._watch.hint, self._curve is not None)
-        )
+        error: TaskmeshError = self._unavailable("acknowledged the task")
         if self._refused:
             error = AuthenticationError(f"{self._refused} (broker {self.broker})")
         for task_id in expired:
             del self._unacked[task_id]
             self._settle_id(task_id, False, error)
+
+    def _unavailable(self, what: str) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no broker {what} within {self.config.connect_timeout_s:g}s at {self.broker}: "
+            + _check_hint(self._watch.hint, self._curve is not None)
+        )
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:

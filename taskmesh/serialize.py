@@ -320,28 +320,26 @@ def dumps_call(
     except DependencyFailed:
         raise
     except Exception as exc:
-        culprit = _find_unpicklable(args, kwargs)
+        culprit = _find_unpicklable(args, kwargs, deps)
         raise SerializationError(
             f"cannot send {name}(...) to a worker: {culprit} cannot be pickled: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 
 
-def _find_unpicklable(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-    # futures among the arguments pickle as references here too; their pins are undone after
-    scratch: list[Any] = []
-    try:
-        with collecting_dependencies(scratch):
-            for i, value in enumerate(args):
-                if not _picklable(value):
-                    return f"argument {i} (a {type(value).__name__})"
-            for key, value in kwargs.items():
-                if not _picklable(value):
-                    return f"keyword argument {key!r} (a {type(value).__name__})"
-        return "an argument"
-    finally:
-        for future in scratch:
-            future._client._unpin(future.task_id)
+def _find_unpicklable(
+    args: Sequence[Any], kwargs: Mapping[str, Any], deps: list[Any] | None
+) -> str:
+    # futures pickle as references here too: noted in ``deps``, which the caller releases
+    scope = collecting_dependencies(deps) if deps is not None else contextlib.nullcontext()
+    with scope:
+        for i, value in enumerate(args):
+            if not _picklable(value):
+                return f"argument {i} (a {type(value).__name__})"
+        for key, value in kwargs.items():
+            if not _picklable(value):
+                return f"keyword argument {key!r} (a {type(value).__name__})"
+    return "an argument"
 
 
 def _picklable(value: Any) -> bool:
