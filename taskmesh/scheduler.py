@@ -642,7 +642,7 @@ class Scheduler:
         if record is not None and record.state in TERMINAL:
             del self.tasks[task_id]
             if self.config.journaled:
-                self.journal.forgotten.append(task_id)
+                self.journal.forgotten.append(record.seq)
 
     # ------------------------------------------------------------------ periodic tasks
 
@@ -1067,9 +1067,7 @@ class Scheduler:
         else:
             self._enqueue(record, now)
         if self.config.journaled:
-            self.journal.requeued.append(
-                (record.spec.task_id, record.lost, record.errors, not_before)
-            )
+            self.journal.requeued.append((record.seq, record.lost, record.errors, not_before))
 
     # ------------------------------------------------------------------ task lifecycle
 

@@ -1,0 +1,112 @@
+"""The SQLite journal on its own: what a batch writes is what a restart loads."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from taskmesh.journal import (
+    SCHEMA_VERSION,
+    FinishedTask,
+    JournalBatch,
+    PendingTask,
+    SqliteJournal,
+)
+from taskmesh.protocol import Outcome, Status, TaskSpec, pack_outcome, pack_task
+
+
+def spec(task_id: str) -> TaskSpec:
+    return TaskSpec(task_id, "mod.f", "default", b"fn", b"args-" + task_id.encode())
+
+
+def test_a_task_is_found_by_its_seq_through_its_whole_life(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    journal = SqliteJournal(path)
+    journal.write(
+        JournalBatch(submitted=[PendingTask(spec(f"t{i}"), "c1", 10 + i) for i in range(4)])
+    )
+    journal.write(JournalBatch(requeued=[(11, 1, 0, 1234.5)]))
+    done = Outcome("t2", Status.OK, b"value", None, 0.25)
+    journal.write(JournalBatch(finished=[FinishedTask("t2", "c1", "done", done, 99.0, 12)]))
+    journal.write(JournalBatch(forgotten=[13]))
+    journal.close()
+
+    recovered = SqliteJournal(path).load()
+    assert [(t.spec, t.seq, t.lost, t.not_before) for t in recovered.pending] == [
+        (spec("t0"), 10, 0, None),
+        (spec("t1"), 11, 1, 1234.5),
+    ]
+    assert [(f.task_id, f.state, f.outcome, f.finished_at, f.seq) for f in recovered.finished] == [
+        ("t2", "done", done, 99.0, 12)
+    ]
+
+
+def test_a_task_id_submitted_again_after_it_was_forgotten_is_a_new_row(tmp_path: Path) -> None:
+    """The broker gives the second submit a new seq; the first row's deletion must not touch it."""
+    path = str(tmp_path / "j.db")
+    journal = SqliteJournal(path)
+    journal.write(JournalBatch(submitted=[PendingTask(spec("t"), "c1", 1)]))
+    journal.write(
+        JournalBatch(forgotten=[1], submitted=[PendingTask(spec("t"), "c1", 2)])
+    )  # the forget is applied after the insert of the same batch: seq 2 must survive
+    journal.close()
+    assert [t.seq for t in SqliteJournal(path).load().pending] == [2]
+
+
+def _schema_1_journal(path: str) -> None:
+    """A journal as version 1 wrote it: tasks keyed by task id."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE tasks (
+            task_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0, not_before REAL,
+            state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        """
+    )
+    db.execute(
+        "INSERT INTO tasks (task_id, client_id, seq, spec, lost) VALUES (?, ?, ?, ?, ?)",
+        ("old-pending", "c1", 7, pack_task(spec("old-pending")), 2),
+    )
+    outcome = Outcome("old-done", Status.OK, b"v", None, 0.1)
+    db.execute(
+        "INSERT INTO tasks (task_id, client_id, seq, spec, state, outcome, finished_at)"
+        " VALUES (?, ?, ?, x'', 'done', ?, 5.0)",
+        ("old-done", "c1", 3, pack_outcome(outcome)),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_schema_1_journal_is_migrated_and_keeps_every_task(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    _schema_1_journal(path)
+    journal = SqliteJournal(path)
+    recovered = journal.load()
+    assert [(t.spec.task_id, t.seq, t.lost) for t in recovered.pending] == [("old-pending", 7, 2)]
+    assert [(f.task_id, f.seq, f.outcome.value) for f in recovered.finished] == [
+        ("old-done", 3, b"v")
+    ]
+    journal.write(JournalBatch(forgotten=[7]))  # rows are now found by seq
+    journal.close()
+    reopened = SqliteJournal(path)
+    assert reopened.load().pending == []
+    (version,) = reopened._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    assert version == SCHEMA_VERSION
+    reopened.close()
+
+
+def test_a_journal_from_a_newer_taskmesh_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    SqliteJournal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match="schema 99"):
+        SqliteJournal(path)
