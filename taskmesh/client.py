@@ -78,15 +78,85 @@ _DEFAULT_BATCH_BYTES = 64 << 20  # before the broker has said its limit
 _ENVELOPE_BYTES = 4096  # room for frames and fields around a call's pickles
 
 
+# concurrent.futures' own state names: TaskFuture keeps Future's fields, only made cheaper
+_PENDING, _FINISHED = "PENDING", "FINISHED"
+_SETTLED = ("CANCELLED", "CANCELLED_AND_NOTIFIED", _FINISHED)
+# guards making a future's Condition, and settling a future that has none yet
+_CONDITION_MADE = threading.Lock()
+
+
 class TaskFuture(Future[T]):
-    """A ``concurrent.futures.Future`` for one remote task; awaitable from asyncio."""
+    """A ``concurrent.futures.Future`` for one remote task; awaitable from asyncio.
+
+    ``Future.__init__`` makes a ``threading.Condition`` per future; with the garbage collector
+    tracking it and its parts, that was a fifth of a producer's CPU per no-op task, and most
+    futures are settled before anyone waits on them. A TaskFuture makes its Condition when a
+    thread first needs it (to wait, cancel, or add a callback or a ``wait()`` waiter); until
+    then it is settled under one shared lock, which is also the lock that makes Conditions, so
+    a waiter arriving meanwhile finds the future either settled or with its Condition in place.
+    """
 
     def __init__(self, task_id: str, name: str, client: Client) -> None:
-        super().__init__()
+        # Future.__init__ but for the Condition
+        self._state = _PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[T]], object]] = []
         self.task_id = task_id
         self.name = name
         self._client = client
         self._seen: p.Outcome | None = None  # its outcome arrived (set before it is settled)
+
+    @property
+    def _condition(self) -> threading.Condition:
+        condition: threading.Condition | None = self.__dict__.get("_made_condition")
+        if condition is None:
+            with _CONDITION_MADE:
+                condition = self.__dict__.get("_made_condition")
+                if condition is None:
+                    condition = self.__dict__["_made_condition"] = threading.Condition()
+        return condition
+
+    @_condition.setter
+    def _condition(self, condition: threading.Condition) -> None:
+        self.__dict__["_made_condition"] = condition
+
+    def _settle_alone(self, result: Any, exception: BaseException | None) -> bool:
+        """Settle without a Condition if nobody has one yet; False if someone might wait."""
+        with _CONDITION_MADE:
+            if "_made_condition" in self.__dict__:
+                return False
+            if self._state in _SETTLED:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = _FINISHED
+        return True  # no Condition means no callbacks and no waiters to tell
+
+    def set_result(self, result: T) -> None:
+        if not self._settle_alone(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if exception is None or not self._settle_alone(None, exception):
+            super().set_exception(exception)
+
+    def done(self) -> bool:
+        return self._state in _SETTLED  # one attribute read: no lock needed
+
+    def result(self, timeout: float | None = None) -> T:
+        if self._state == _FINISHED:  # settled: nothing to wait for, no Condition to make
+            if self._exception is not None:
+                raise self._exception
+            result: T = self._result
+            return result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         """Cancel locally and ask the broker to drop the task if it has not started yet."""
