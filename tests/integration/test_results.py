@@ -32,6 +32,14 @@ def test_local_call_runs_here_and_submit_runs_on_a_worker(client: Client, mesh: 
     assert info["worker"] in {w.name for w in mesh.workers}
 
 
+def test_user_code_runs_with_pythons_own_garbage_collector_settings(client: Client) -> None:
+    """The broker and worker supervisors tune their collector; executors must not inherit it."""
+    import gc
+
+    assert gc.get_threshold() == (700, 10, 10)  # the producer's process: untouched too
+    assert client.submit(gc.get_threshold).result(timeout=20) == (700, 10, 10)
+
+
 def test_remote_result_round_trips(client: Client) -> None:
     future = client.submit(_tasks.add, 2, 3)
     assert isinstance(future, taskmesh.TaskFuture)
