@@ -253,7 +253,13 @@ class Broker:
                 for send in sends:
                     self._send(send)
             elif batch or self._writer.in_flight:
-                self._writer.submit(batch, sends)  # sent once the batch is durable
+                gated = []
+                for send in sends:
+                    if send.early:  # outcomes of runs: see scheduler._RAN
+                        self._send(send)
+                    else:
+                        gated.append(send)
+                self._writer.submit(batch, gated)  # sent once the batch is durable
             else:
                 for send in sends:  # nothing to persist and nothing ahead of it: send now
                     self._send(send)
@@ -443,6 +449,7 @@ class JournalWriter:
             merged = JournalBatch()
             for batch, _ in items:
                 merged.extend(batch)
+            merged.coalesce()
             try:
                 if merged:
                     self._journal.write(merged)

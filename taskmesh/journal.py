@@ -100,6 +100,27 @@ class JournalBatch:
         self.forgotten.extend(other.forgotten)
         self.schedules.extend(other.schedules)
 
+    def coalesce(self) -> None:
+        """Drop what a forget in the same batch makes moot: the forgotten task's outcome and
+        requeues, and, if the task was submitted in this batch too, its row altogether.
+
+        Forgetting is the last thing that happens to a task (its seq is never used again), so
+        the result equals applying the batch as it was. Under load most outcomes are delivered
+        while the journal thread is busy with the previous commit, and the write of each of
+        those outcomes is saved."""
+        if not self.forgotten:
+            return
+        gone = set(self.forgotten)
+        if self.finished:
+            self.finished = [f for f in self.finished if f.seq not in gone]
+        if self.requeued:
+            self.requeued = [r for r in self.requeued if r[0] not in gone]
+        if self.submitted:
+            never_written = {t.seq for t in self.submitted if t.seq in gone}
+            if never_written:
+                self.submitted = [t for t in self.submitted if t.seq not in never_written]
+                self.forgotten = [seq for seq in self.forgotten if seq not in never_written]
+
 
 @dataclass(frozen=True, slots=True)
 class Recovery:

@@ -102,6 +102,15 @@ class TaskState(enum.StrEnum):
 
 TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 
+# Outcomes of runs that ended by themselves, with a value or an exception, go to their producer
+# without waiting for the journal. Were the broker to die before committing one, the task would
+# run again (at least once allows that) and the producer, which has its outcome already, would
+# drop the second. Outcomes that decide a task's fate without a run to show for it (cancelled,
+# lost too often, timed out, a dependency failed) wait for the commit: a rerun would contradict
+# them. Sent early, an outcome's DELIVERED often comes back before the journal thread has
+# written it, and then the journal writes neither (``JournalBatch.coalesce``).
+_RAN = frozenset({Status.OK, Status.ERROR})
+
 
 class Route(enum.StrEnum):
     """How the broker picks a worker for a queue's tasks (``taskmesh broker --route Q=S``)."""
@@ -121,11 +130,15 @@ class WorkerState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``message`` to the peer at ROUTER ``address``, speaking ``signature``."""
+    """Send ``message`` to the peer at ROUTER ``address``, speaking ``signature``.
+
+    ``early``: it may leave before the journal has committed its loop iteration's changes
+    (see ``_RAN``); every other send waits for that commit."""
 
     address: bytes
     signature: bytes
     message: Message
+    early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +366,7 @@ class Scheduler:
         # what flush() turns into batched sends
         self._out_tasks: dict[str, list[Assignment]] = {}
         self._out_outcomes: dict[str, list[Outcome]] = {}
+        self._out_ran: dict[str, list[Outcome]] = {}  # outcomes of runs: sent early
         self._out_acks: dict[str, list[str]] = {}
         self._out_results_acks: dict[bytes, list[str]] = {}
         self._dirty = False  # something may be dispatchable
@@ -431,10 +445,15 @@ class Scheduler:
             producer = self.producers.get(client_id)
             if producer is not None:
                 sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes)))
+        for client_id, outcomes in self._out_ran.items():
+            producer = self.producers.get(client_id)
+            if producer is not None:
+                sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes), early=True))
         self._out_tasks = {}
         self._out_results_acks = {}
         self._out_acks = {}
         self._out_outcomes = {}
+        self._out_ran = {}
         return sends
 
     def next_deadline(self, now: float) -> float | None:
@@ -1187,7 +1206,8 @@ class Scheduler:
             self._tell_dependents(now)
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
-        self._out_outcomes.setdefault(record.client_id, []).append(outcome)
+        out = self._out_ran if outcome.status in _RAN else self._out_outcomes
+        out.setdefault(record.client_id, []).append(outcome)
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:

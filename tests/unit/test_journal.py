@@ -6,6 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from taskmesh.journal import (
     SCHEMA_VERSION,
@@ -110,3 +112,77 @@ def test_a_journal_from_a_newer_taskmesh_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(ValueError, match="schema 99"):
         SqliteJournal(path)
+
+
+# --------------------------------------------------------------------------- coalescing
+
+
+def _finished(seq: int) -> FinishedTask:
+    outcome = Outcome(f"t{seq}", Status.OK, b"v%d" % seq, None, 0.1)
+    return FinishedTask(f"t{seq}", "c1", "done", outcome, 1.0, seq)
+
+
+def test_a_forget_makes_the_outcome_and_requeues_of_its_batch_moot() -> None:
+    batch = JournalBatch(
+        submitted=[PendingTask(spec("t1"), "c1", 1), PendingTask(spec("t2"), "c1", 2)],
+        requeued=[(1, 1, 0, None), (3, 1, 0, None)],
+        finished=[_finished(1), _finished(3), _finished(4)],
+        forgotten=[1, 3],
+    )
+    batch.coalesce()
+    assert [t.seq for t in batch.submitted] == [2]  # t1 came and went within the batch
+    assert batch.requeued == []
+    assert [f.seq for f in batch.finished] == [4]
+    assert batch.forgotten == [3]  # t3's row was written by an earlier batch: delete it
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=24), min_size=1, max_size=8),
+)
+@example(lifetimes=[3, 3], cuts=[1, 24])  # a forget of an older row beside a task come and gone
+@settings(max_examples=100, deadline=None)
+def test_coalesced_batches_leave_the_journal_as_the_batches_one_by_one_would(
+    tmp_path_factory: pytest.TempPathFactory, lifetimes: list[int], cuts: list[int]
+) -> None:
+    """Each task goes through up to four steps (submitted, requeued, finished, forgotten);
+    the steps of all tasks, interleaved, are cut into batches and written once one by one and
+    once merged into groups and coalesced, as the journal thread does."""
+    steps: list[JournalBatch] = []
+    for seq, last in enumerate(lifetimes):
+        for step in range(last + 1):
+            batch = JournalBatch()
+            if step == 0:
+                batch.submitted.append(PendingTask(spec(f"t{seq}"), "c1", seq))
+            elif step == 1:
+                batch.requeued.append((seq, 1, 0, None))
+            elif step == 2:
+                batch.finished.append(_finished(seq))
+            else:
+                batch.forgotten.append(seq)
+            steps.insert(min(len(steps), seq + 2 * step), batch)  # interleave the tasks
+    folder = tmp_path_factory.mktemp("coalesce")
+    plain = SqliteJournal(str(folder / "plain.db"))
+    grouped = SqliteJournal(str(folder / "grouped.db"))
+    for batch in steps:
+        plain.write(batch)
+    start, i = 0, 0
+    while start < len(steps):
+        end = start + cuts[i % len(cuts)]
+        merged = JournalBatch()
+        for batch in steps[start:end]:
+            merged.extend(batch)
+        merged.coalesce()
+        grouped.write(merged)
+        start, i = end, i + 1
+
+    def state(journal: SqliteJournal) -> tuple[object, ...]:
+        loaded = journal.load()
+        return (
+            [(t.seq, t.lost) for t in loaded.pending],
+            [(f.seq, f.outcome) for f in loaded.finished],
+        )
+
+    assert state(grouped) == state(plain)
+    plain.close()
+    grouped.close()

@@ -497,6 +497,24 @@ def test_result_routes_to_the_producer_and_is_acked_to_the_worker() -> None:
     assert m.s.workers["w1"].done == 2
 
 
+def test_only_outcomes_of_runs_may_leave_before_the_journal_commit() -> None:
+    """A rerun after a broker crash is allowed for a task that ran (at least once); it would
+    contradict a cancel, a timeout or a final loss, so those outcomes wait for the journal."""
+    m = Mesh()
+    m.hello()
+    m.ready(credit=3)
+    m.submit(spec("ran"), spec("raised"), spec("overran"), spec("waiting"))
+    m.flush()
+    m.results(ok("ran"), failed("raised"), failed("overran", Status.TIMEOUT), credit=3)
+    m.producer(Cancel(["waiting"]))
+    sends = m.flush()
+    early = {o.task_id: o.status for s in sends if s.early for o in outcomes([s])}
+    assert early == {"ran": Status.OK, "raised": Status.ERROR}
+    gated = {o.task_id for s in sends if not s.early for o in outcomes([s])}
+    assert gated == {"overran", "waiting"}
+    assert not any(s.early for s in sends if not isinstance(s.message, Outcomes))
+
+
 def test_error_with_retries_left_is_requeued_with_the_next_attempt() -> None:
     m = Mesh()
     m.hello()
