@@ -30,10 +30,10 @@ import zmq
 from taskmesh import protocol as p
 from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
-from taskmesh.journal import Journal, JournalBatch, MemoryJournal, open_journal
+from taskmesh.journal import FinishedTask, Journal, JournalBatch, MemoryJournal, open_journal
 from taskmesh.metrics import BrokerCollector
 from taskmesh.metrics import serve as serve_metrics
-from taskmesh.scheduler import Route, Scheduler, SchedulerConfig, Send
+from taskmesh.scheduler import RAN_OUTCOMES, Route, Scheduler, SchedulerConfig, Send
 from taskmesh.security import (
     KEY_PROPERTY,
     KeyRing,
@@ -50,6 +50,8 @@ from taskmesh.transport import check_endpoint
 log = logging.getLogger(__name__)
 
 _DRAIN = 2000  # messages handled per loop iteration before sending
+# how long the journal thread, idle, holds run outcomes back for a DELIVERED to make them moot
+_HOLD_S = 0.005
 
 
 def is_loopback(url: str) -> bool:
@@ -252,14 +254,16 @@ class Broker:
             if self._writer is None:
                 for send in sends:
                     self._send(send)
-            elif batch or self._writer.in_flight:
-                gated = []
+            elif batch or (sends and self._writer.in_flight):
+                gated, late = [], []
                 for send in sends:
-                    if send.early:  # outcomes of runs: see scheduler._RAN
+                    if send.early:  # outcomes of runs: see scheduler.RAN_OUTCOMES
                         self._send(send)
+                    elif isinstance(send.message, p.ResultsAck):
+                        late.append(send)  # waits for the outcomes it acknowledges
                     else:
                         gated.append(send)
-                self._writer.submit(batch, gated)  # sent once the batch is durable
+                self._writer.submit(batch, gated, late)  # sent once the batch is durable
             else:
                 for send in sends:  # nothing to persist and nothing ahead of it: send now
                     self._send(send)
@@ -403,27 +407,35 @@ class JournalWriter:
     """Writes journal batches on a thread of its own, so that one batch's fsync overlaps the
     broker's work on the next. Each batch travels with the sends of its loop iteration, and
     those are handed back only once the batch, and every batch before it, is durable: no
-    acknowledgement ever runs ahead of the journal, and sends keep their order."""
+    acknowledgement ever runs ahead of the journal, and sends keep their order.
+
+    The outcomes of runs (``RAN_OUTCOMES``) are the exception that saves most writes: their
+    producers have them already, so the thread holds their rows back for ``_HOLD_S``, and by
+    then a ``DELIVERED`` has usually made them moot. Only the ``RESULTS_ACK``s of that loop
+    iteration (its ``late`` sends) wait for those rows; the worker keeps each outcome until
+    then, and resends it to a restarted broker.
+    """
 
     def __init__(self, journal: Journal, wake_fd: int) -> None:
         self._journal = journal
         self._wake_fd = wake_fd
-        self._queue: queue.SimpleQueue[tuple[JournalBatch, list[Send]] | None] = queue.SimpleQueue()
-        self._ready: deque[list[Send]] = deque()
-        self.in_flight = 0
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._ready: deque[tuple[list[Send], int]] = deque()  # sends, iterations completed
+        self.in_flight = 0  # iterations whose sends are not all handed back yet
         self.failed = False
         self._thread = threading.Thread(target=self._run, name="taskmesh-journal", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: JournalBatch, sends: list[Send]) -> None:
+    def submit(self, batch: JournalBatch, sends: list[Send], late: list[Send]) -> None:
         self.in_flight += 1
-        self._queue.put((batch, sends))
+        self._queue.put((batch, sends, late))
 
     def take_ready(self) -> list[list[Send]]:
         ready = []
         while self._ready:
-            ready.append(self._ready.popleft())
-        self.in_flight -= len(ready)
+            sends, completed = self._ready.popleft()
+            ready.append(sends)
+            self.in_flight -= completed
         return ready
 
     def close(self) -> list[list[Send]]:
@@ -433,22 +445,49 @@ class JournalWriter:
         return self.take_ready()
 
     def _run(self) -> None:
+        held: dict[int, FinishedTask] = {}  # run outcomes not written yet, by seq
+        # per loop iteration that had some: when they are due, their seqs, its late sends
+        waiting: deque[tuple[float, list[int], list[Send]]] = deque()
         stop = False
         while not stop and not self.failed:
             # everything queued while the last commit ran goes into one transaction
-            items: list[tuple[JournalBatch, list[Send]]] = []
-            item = self._queue.get()
-            while item is not None:
-                items.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stop = True
+            timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
+            items, stop = self._take(timeout)
+            now = time.monotonic()
             merged = JournalBatch()
-            for batch, _ in items:
+            ready: list[Send] = []
+            completed = 0
+            for batch, sends, late in items:
+                ready.extend(sends)
+                seqs: list[int] = []
+                if batch.finished and not stop:
+                    written = []
+                    for finished in batch.finished:
+                        if finished.outcome.status in RAN_OUTCOMES:
+                            held[finished.seq] = finished
+                            seqs.append(finished.seq)
+                        else:
+                            written.append(finished)
+                    batch.finished = written
+                for seq in batch.forgotten:
+                    held.pop(seq, None)  # delivered first: never written
                 merged.extend(batch)
+                if seqs:
+                    waiting.append((now + _HOLD_S, seqs, late))
+                else:
+                    ready.extend(late)
+                    completed += 1
+            # due, or every outcome it waited for delivered meanwhile (oldest first: in order)
+            while waiting and (
+                stop or waiting[0][0] <= now or not any(seq in held for seq in waiting[0][1])
+            ):
+                _, seqs, late = waiting.popleft()
+                for seq in seqs:
+                    row = held.pop(seq, None)
+                    if row is not None:
+                        merged.finished.append(row)
+                ready.extend(late)
+                completed += 1
             merged.coalesce()
             try:
                 if merged:
@@ -457,11 +496,29 @@ class JournalWriter:
                 log.critical("journal write failed", exc_info=True)
                 self.failed = True
             else:
-                self._ready.extend(sends for _, sends in items)
+                self._ready.append((ready, completed))
             try:
                 os.write(self._wake_fd, b"j")
             except OSError:
                 pass
+
+    def _take(self, timeout: float | None) -> tuple[list[_Item], bool]:
+        """Everything queued, waiting up to ``timeout`` for the first; True once told to stop."""
+        items: list[_Item] = []
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return items, False
+        while item is not None:
+            items.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items, False
+        return items, True
+
+
+_Item = tuple[JournalBatch, list[Send], list[Send]]
 
 
 def _keyring(config: BrokerConfig) -> KeyRing | None:

@@ -109,7 +109,7 @@ TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 # lost too often, timed out, a dependency failed) wait for the commit: a rerun would contradict
 # them. Sent early, an outcome's DELIVERED often comes back before the journal thread has
 # written it, and then the journal writes neither (``JournalBatch.coalesce``).
-_RAN = frozenset({Status.OK, Status.ERROR})
+RAN_OUTCOMES = frozenset({Status.OK, Status.ERROR})
 
 
 class Route(enum.StrEnum):
@@ -133,7 +133,7 @@ class Send:
     """Send ``message`` to the peer at ROUTER ``address``, speaking ``signature``.
 
     ``early``: it may leave before the journal has committed its loop iteration's changes
-    (see ``_RAN``); every other send waits for that commit."""
+    (see ``RAN_OUTCOMES``); every other send waits for that commit."""
 
     address: bytes
     signature: bytes
@@ -1206,7 +1206,7 @@ class Scheduler:
             self._tell_dependents(now)
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
-        out = self._out_ran if outcome.status in _RAN else self._out_outcomes
+        out = self._out_ran if outcome.status in RAN_OUTCOMES else self._out_outcomes
         out.setdefault(record.client_id, []).append(outcome)
 
     def _release_delayed(self, now: float) -> None:
