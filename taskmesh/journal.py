@@ -156,7 +156,7 @@ class MemoryJournal(Journal):
         return None
 
 
-_SCHEMA = """
+_TASKS_TABLE = """
 CREATE TABLE IF NOT EXISTS tasks (
     seq         INTEGER PRIMARY KEY,
     task_id     TEXT NOT NULL,
@@ -169,6 +169,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     outcome     BLOB,
     finished_at REAL
 );
+"""
+
+_SCHEMA = (
+    _TASKS_TABLE
+    + """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS schedules (
     name     TEXT PRIMARY KEY,
@@ -180,31 +185,23 @@ CREATE TABLE IF NOT EXISTS schedules (
     last_task_id TEXT NOT NULL DEFAULT ''
 );
 """
+)
 
 SCHEMA_VERSION = "2"
 
 # schema 1 keyed tasks by task id: a second B-tree, written at a random place by every insert,
 # update and delete, cost twice the CPU of the rowid key it has now (same columns otherwise)
-_MIGRATE_FROM_1 = """
-ALTER TABLE tasks RENAME TO tasks_schema1;
-CREATE TABLE tasks (
-    seq         INTEGER PRIMARY KEY,
-    task_id     TEXT NOT NULL,
-    client_id   TEXT NOT NULL,
-    spec        BLOB NOT NULL,
-    lost        INTEGER NOT NULL DEFAULT 0,
-    errors      INTEGER NOT NULL DEFAULT 0,
-    not_before  REAL,
-    state       TEXT NOT NULL DEFAULT 'pending',
-    outcome     BLOB,
-    finished_at REAL
-);
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE tasks RENAME TO tasks_schema1;"
+    + _TASKS_TABLE
+    + """
 INSERT OR REPLACE INTO tasks
     SELECT seq, task_id, client_id, spec, lost, errors, not_before, state, outcome, finished_at
     FROM tasks_schema1;
 DROP TABLE tasks_schema1;
 UPDATE meta SET value = '2' WHERE key = 'schema';
 """
+)
 
 
 # Rows go in as one multi-row statement per chunk, not one ``executemany`` step per row: the

@@ -4,7 +4,6 @@ DELIVERED is held back until the task referring to it is acknowledged."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
@@ -16,16 +15,6 @@ from taskmesh.serialize import collecting_dependencies, dependency_values, dumps
 from taskmesh.testing import wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def client() -> Iterator[Client]:
-    # nothing listens there: these tests drive the client's bookkeeping, not its socket
-    c = Client("tcp://127.0.0.1:9", connect_timeout_s=30.0)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def pending(client: Client, task_id: str) -> TaskFuture[Any]:

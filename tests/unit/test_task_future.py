@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,16 +13,6 @@ import pytest
 from taskmesh import Client, TaskFuture
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def client() -> Iterator[Client]:
-    # nothing listens there: these tests drive futures, not the socket
-    c = Client("tcp://127.0.0.1:9", connect_timeout_s=30.0)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def future(client: Client, n: int = 0) -> TaskFuture[Any]:
