@@ -26,6 +26,7 @@ import asyncio
 import atexit
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -76,6 +77,10 @@ T = TypeVar("T")
 _MAX_BATCH = 2000  # tasks per Submit message
 _DEFAULT_BATCH_BYTES = 64 << 20  # before the broker has said its limit
 _ENVELOPE_BYTES = 4096  # room for frames and fields around a call's pickles
+# A DELIVERED waits this long for a message to travel with: a caller that waits for each result
+# submits its next task within microseconds, and the broker then wakes once for both. Shorter
+# than the broker's hold on unwritten outcomes, so the journal still never writes most of them.
+_DELIVERED_WAIT_S = 0.002
 
 
 # concurrent.futures' own state names: TaskFuture keeps Future's fields, only made cheaper
@@ -223,6 +228,9 @@ class Client(Executor):
         self._held: set[str] = set()
         self._deps_of: dict[str, list[TaskFuture[Any]]] = {}
         self._unpinned: deque[str] = deque()
+        # outcomes received, to confirm with the next message out (or after _DELIVERED_WAIT_S)
+        self._delivered: list[str] = []
+        self._delivered_since = 0.0
         # schedule and unschedule requests awaiting the broker's answer, by ack id
         self._control: dict[str, tuple[p.Message, list[Future[None]], float]] = {}
         self._control_out: deque[p.Message] = deque()
@@ -531,7 +539,11 @@ class Client(Executor):
             while not self._closed:
                 # the broker's heartbeat rules (adopted from Welcome) may change the interval
                 interval = self.config.heartbeat.interval_s
-                events = dict(poller.poll(int(interval * 1000)))
+                wait = interval
+                if self._delivered:
+                    waited = time.monotonic() - self._delivered_since
+                    wait = min(interval, max(0.0, _DELIVERED_WAIT_S - waited))
+                events = dict(poller.poll(math.ceil(wait * 1000)))
                 now = time.monotonic()
                 if self._wake_r in events:
                     try:
@@ -560,6 +572,8 @@ class Client(Executor):
                     last_sent = now
                 self._expire_unacked(now)
             try:
+                if self._delivered:
+                    self._send(p.Delivered(self._delivered))
                 self._send(p.Bye())
                 self._sock.close(linger=200)  # give the goodbye a moment to leave
             except Exception:
@@ -643,6 +657,10 @@ class Client(Executor):
             if released:
                 self._send(p.Delivered(released))
                 sent = True
+        if self._delivered and (sent or now - self._delivered_since >= _DELIVERED_WAIT_S):
+            self._send(p.Delivered(self._delivered))
+            self._delivered = []
+            sent = True
         return sent
 
     def _receive(self, now: float) -> None:
@@ -744,9 +762,6 @@ class Client(Executor):
 
     def _resolve(self, outcomes: list[p.Outcome]) -> None:
         arrived, delivered = self._claim_outcomes(outcomes)
-        # the broker may forget these tasks now; a resent copy is harmless (first one wins)
-        if delivered:
-            self._send(p.Delivered(delivered))
         for outcome in outcomes:
             self._unacked.pop(outcome.task_id, None)
         for future, outcome in arrived:
@@ -755,6 +770,12 @@ class Client(Executor):
                 continue  # cancelled locally: outcomes count once
             ok, value = load_outcome(outcome, future.name)
             _settle(future, ok, value)
+        # the broker may forget these tasks now; a resent copy is harmless (first one wins).
+        # Sent with the next message out: nobody waits for it (see _DELIVERED_WAIT_S).
+        if delivered:
+            if not self._delivered:
+                self._delivered_since = time.monotonic()
+            self._delivered.extend(delivered)
 
     def _settle_id(self, task_id: str, ok: bool, value: Any) -> None:
         with self._lock:

@@ -430,25 +430,27 @@ class Scheduler:
         if self._dirty:
             self._dirty = False
             self._dispatch(now)
+        # what someone waits for first (tasks for idle executors, outcomes for futures), then
+        # the acknowledgements: each send wakes a thread, and the first ones go out soonest
         sends: list[Send] = []
         for worker_id, assignments in self._out_tasks.items():
             worker = self.workers.get(worker_id)
             if worker is not None:
                 sends.append(Send(worker.address, WORKER, Tasks(assignments)))
-        for address, task_ids in self._out_results_acks.items():
-            sends.append(Send(address, WORKER, ResultsAck(task_ids)))
-        for client_id, task_ids in self._out_acks.items():
-            producer = self.producers.get(client_id)
-            if producer is not None:
-                sends.append(Send(producer.address, PRODUCER, Ack(task_ids)))
-        for client_id, outcomes in self._out_outcomes.items():
-            producer = self.producers.get(client_id)
-            if producer is not None:
-                sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes)))
         for client_id, outcomes in self._out_ran.items():
             producer = self.producers.get(client_id)
             if producer is not None:
                 sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes), early=True))
+        for client_id, outcomes in self._out_outcomes.items():
+            producer = self.producers.get(client_id)
+            if producer is not None:
+                sends.append(Send(producer.address, PRODUCER, Outcomes(outcomes)))
+        for client_id, task_ids in self._out_acks.items():
+            producer = self.producers.get(client_id)
+            if producer is not None:
+                sends.append(Send(producer.address, PRODUCER, Ack(task_ids)))
+        for address, task_ids in self._out_results_acks.items():
+            sends.append(Send(address, WORKER, ResultsAck(task_ids)))
         self._out_tasks = {}
         self._out_results_acks = {}
         self._out_acks = {}
@@ -901,7 +903,9 @@ class Scheduler:
             self._dirty = True
         return []
 
-    def _results(self, worker: WorkerRecord, outcomes: Iterable[Outcome], now: float) -> None:
+    def _results(self, worker: WorkerRecord, outcomes: list[Outcome], now: float) -> None:
+        if not outcomes:
+            return  # only start reports or credit: nothing to acknowledge
         acks = self._out_results_acks.setdefault(worker.address, [])
         for outcome in outcomes:
             acks.append(outcome.task_id)
@@ -1517,6 +1521,8 @@ class Scheduler:
             "counters": dict(self.counters),
             "workers_alive": len(self.workers),
             "delayed": sum(s.delayed for s in self.stats.values()),
+            # finished tasks whose producer has not confirmed their outcome (DELIVERED) yet
+            "undelivered_outcomes": len(self._retired),
             "recent_failures": list(self.recent_failures),
             "latency": {"queue_wait": self.queue_wait.summary(), "run": self.run_time.summary()},
             "dead_workers": list(self.dead_workers),

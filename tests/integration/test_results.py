@@ -13,7 +13,7 @@ import pytest
 
 import taskmesh
 from taskmesh import Client
-from taskmesh.testing import Mesh
+from taskmesh.testing import Mesh, wait_until
 
 MESH_OPTIONS = {"workers": 2, "concurrency": 2}
 
@@ -38,6 +38,18 @@ def test_user_code_runs_with_pythons_own_garbage_collector_settings(client: Clie
 
     assert gc.get_threshold() == (700, 10, 10)  # the producer's process: untouched too
     assert client.submit(gc.get_threshold).result(timeout=20) == (700, 10, 10)
+
+
+def test_outcomes_received_are_confirmed_to_the_broker_without_further_traffic(
+    client: Client, mesh: Mesh
+) -> None:
+    """A producer confirms outcomes with its next message, or on its own within milliseconds
+    when it sends nothing more: the broker must not keep them until the result TTL."""
+    futures = [client.submit(_tasks.add, i, 1) for i in range(50)]
+    assert [f.result(timeout=20) for f in futures] == [i + 1 for i in range(50)]
+    wait_until(
+        lambda: mesh.status()["undelivered_outcomes"] == 0, 10.0, "no outcome left undelivered"
+    )
 
 
 def test_remote_result_round_trips(client: Client) -> None:

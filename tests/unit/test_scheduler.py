@@ -497,6 +497,20 @@ def test_result_routes_to_the_producer_and_is_acked_to_the_worker() -> None:
     assert m.s.workers["w1"].done == 2
 
 
+def test_a_start_report_alone_gets_no_results_ack_and_outcomes_go_before_acks() -> None:
+    m = Mesh()
+    m.hello()
+    m.ready(credit=2)
+    m.submit(spec("t1"))
+    sends = m.flush()  # the worker reports that it starts t1
+    assert messages(sends, ResultsAck) == []
+    assert messages(m.flush(), ResultsAck) == []  # nor later: there was nothing to acknowledge
+    m.submit(spec("t2"))
+    m.results(ok("t1"))
+    kinds = [type(s.message).__name__ for s in m.flush()]
+    assert kinds.index("Outcomes") < kinds.index("Ack") < kinds.index("ResultsAck")
+
+
 def test_only_outcomes_of_runs_may_leave_before_the_journal_commit() -> None:
     """A rerun after a broker crash is allowed for a task that ran (at least once); it would
     contradict a cancel, a timeout or a final loss, so those outcomes wait for the journal."""
