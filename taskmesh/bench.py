@@ -8,15 +8,18 @@ Each workload runs ``repeat`` times and reports the median.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
+import queue
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import zmq
@@ -118,16 +121,30 @@ def latency(client: Client, pool: ProcessPoolExecutor, n: int, repeat: int) -> l
             out.append(time.perf_counter() - started)
         return out
 
-    mesh_p50, mesh_p99, pool_p50, pool_p99 = [], [], [], []
+    mesh_p50, mesh_p99, pool_p50, pool_p99, relay_p50 = [], [], [], [], []
     samples(lambda i: client.submit(noop, i))  # warm up: functions cached, executors hot
-    for _ in range(repeat):
-        m = samples(lambda i: client.submit(noop, i))
-        b = samples(lambda i: pool.submit(noop, i))
-        mesh_p50.append(_percentile(m, 0.5) * 1000)
-        mesh_p99.append(_percentile(m, 0.99) * 1000)
-        pool_p50.append(_percentile(b, 0.5) * 1000)
-        pool_p99.append(_percentile(b, 0.99) * 1000)
+    with BareRelay() as relay:
+        samples(relay.submit)
+        for _ in range(repeat):
+            m = samples(lambda i: client.submit(noop, i))
+            b = samples(lambda i: pool.submit(noop, i))
+            r = samples(relay.submit)
+            mesh_p50.append(_percentile(m, 0.5) * 1000)
+            mesh_p99.append(_percentile(m, 0.99) * 1000)
+            pool_p50.append(_percentile(b, 0.5) * 1000)
+            pool_p99.append(_percentile(b, 0.99) * 1000)
+            relay_p50.append(_percentile(r, 0.5) * 1000)
     return [
+        Figure(
+            "latency",
+            "bare relay p50",
+            _median(relay_p50),
+            _median(pool_p50),
+            "ms",
+            "lower",
+            relay_p50,
+            note="not taskmesh: pyzmq and a pipe in taskmesh's shape, no logic (BareRelay)",
+        ),
         Figure(
             "latency",
             "round trip p50",
@@ -227,6 +244,153 @@ def _raw_zmq_echo(data: bytes) -> float:
     b.close(0)
     ctx.term()
     return 2 * size_mb / elapsed
+
+
+# ----------------------------------------------------------------------------- latency floor
+
+
+class BareRelay:
+    """The fastest a round trip of taskmesh's shape can be on this machine: a producer thread
+    hands each call to an I/O thread, which sends it over a DEALER to a ROUTER "broker" process,
+    which forwards it to a DEALER "worker" process, which writes it down a pipe to an
+    "executor" process, and the answer comes back the same way. No protocol, no state, no
+    logic: what the sockets, the pipe and the wake-ups cost alone, to put beside taskmesh's own
+    round trip and the process pool's."""
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        ports_here, ports_there = ctx.Pipe()
+        self._broker = ctx.Process(target=_relay_broker, args=(ports_there,), name="relay-broker")
+        self._broker.start()
+        if not ports_here.poll(timeout_s):
+            self._broker.terminate()
+            raise TimeoutError("the bare relay's broker did not start")
+        front, back = ports_here.recv()
+        self._worker = ctx.Process(target=_relay_worker, args=(back,), name="relay-worker")
+        self._worker.start()
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.connect(f"tcp://127.0.0.1:{front}")
+        self._outgoing: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._waiting: dict[bytes, Future[int]] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._ids = iter(range(1 << 62))
+        self._thread = threading.Thread(target=self._io, name="relay-io", daemon=True)
+        self._thread.start()
+
+    def submit(self, value: int) -> Future[int]:
+        future: Future[int] = Future()
+        key = b"%d" % next(self._ids)
+        self._waiting[key] = future
+        self._outgoing.put(key + b":" + b"%d" % value)
+        os.write(self._wake_w, b"x")
+        return future
+
+    def _io(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._closed:
+            events = dict(poller.poll(200))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+                while not self._outgoing.empty():
+                    self._sock.send(self._outgoing.get())
+            if self._sock in events:
+                key, _, value = self._sock.recv().partition(b":")
+                self._waiting.pop(key).set_result(int(value))
+
+    def __enter__(self) -> BareRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed = True
+        self._thread.join(timeout=5)
+        try:
+            self._sock.send(b"", zmq.NOBLOCK)  # the empty call stops every part in turn
+        except zmq.ZMQError:
+            pass
+        for process in (self._broker, self._worker):
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        self._sock.close(0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+_RELAY_IDLE_MS = 60_000  # a relay part whose producer is gone gives up after this long
+
+
+def _relay_broker(ports: Connection) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    back = ctx.socket(zmq.ROUTER)
+    ports.send(
+        (front.bind_to_random_port("tcp://127.0.0.1"), back.bind_to_random_port("tcp://127.0.0.1"))
+    )
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    worker: bytes | None = None
+    producer = b""
+    while True:
+        events = dict(poller.poll(_RELAY_IDLE_MS))
+        if not events:
+            return
+        if back in events:
+            address, message = back.recv_multipart()
+            if worker is None:
+                worker = address  # its first message says it is there
+            else:
+                front.send_multipart([producer, message])
+        if front in events and worker is not None:
+            producer, message = front.recv_multipart()
+            back.send_multipart([worker, message])
+            if not message:
+                return
+
+
+def _relay_worker(port: int) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    here, there = multiprocessing.Pipe()
+    executor = multiprocessing.get_context("spawn").Process(target=_relay_executor, args=(there,))
+    executor.start()
+    sock.send(b"ready")
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(here.fileno(), zmq.POLLIN)
+    try:
+        while True:
+            events = dict(poller.poll(_RELAY_IDLE_MS))
+            if not events:
+                return
+            if sock in events:
+                message = sock.recv()
+                here.send_bytes(message)
+                if not message:
+                    return
+            if here.fileno() in events:
+                sock.send(here.recv_bytes())
+    finally:
+        executor.join(timeout=5)
+        if executor.is_alive():
+            executor.kill()
+        sock.close(0)
+        ctx.term()
+
+
+def _relay_executor(conn: Connection) -> None:
+    while conn.poll(_RELAY_IDLE_MS / 1000):
+        message = conn.recv_bytes()
+        if not message:
+            return
+        conn.send_bytes(message)
 
 
 # ----------------------------------------------------------------------------- scale
