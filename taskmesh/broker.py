@@ -33,7 +33,7 @@ from taskmesh.errors import ProtocolError, TaskmeshError
 from taskmesh.journal import FinishedTask, Journal, JournalBatch, MemoryJournal, open_journal
 from taskmesh.metrics import BrokerCollector
 from taskmesh.metrics import serve as serve_metrics
-from taskmesh.scheduler import RAN_OUTCOMES, Route, Scheduler, SchedulerConfig, Send
+from taskmesh.scheduler import Route, Scheduler, SchedulerConfig, Send
 from taskmesh.security import (
     KEY_PROPERTY,
     KeyRing,
@@ -263,7 +263,8 @@ class Broker:
                         late.append(send)  # waits for the outcomes it acknowledges
                     else:
                         gated.append(send)
-                self._writer.submit(batch, gated, late)  # sent once the batch is durable
+                if batch or gated or late:
+                    self._writer.submit(batch, gated, late)  # sent once the batch is durable
             else:
                 for send in sends:  # nothing to persist and nothing ahead of it: send now
                     self._send(send)
@@ -409,11 +410,12 @@ class JournalWriter:
     those are handed back only once the batch, and every batch before it, is durable: no
     acknowledgement ever runs ahead of the journal, and sends keep their order.
 
-    The outcomes of runs (``RAN_OUTCOMES``) are the exception that saves most writes: their
-    producers have them already, so the thread holds their rows back for ``_HOLD_S``, and by
-    then a ``DELIVERED`` has usually made them moot. Only the ``RESULTS_ACK``s of that loop
-    iteration (its ``late`` sends) wait for those rows; the worker keeps each outcome until
-    then, and resends it to a restarted broker.
+    The outcomes of runs that nothing depends on (``FinishedTask.hold``) are the exception
+    that saves most writes: their producers have them already, so the thread holds their rows
+    back for ``_HOLD_S``, and by then a ``DELIVERED`` has usually made them moot. The
+    ``RESULTS_ACK``s (``late`` sends) wait for them, and keep their order behind them; the
+    worker keeps each outcome until then, and resends it to a restarted broker. A task about to
+    use a held outcome (``JournalBatch.durable``) has it written in its own transaction.
     """
 
     def __init__(self, journal: Journal, wake_fd: int) -> None:
@@ -445,8 +447,19 @@ class JournalWriter:
         return self.take_ready()
 
     def _run(self) -> None:
+        try:
+            self._write_batches()
+        except Exception:  # a bug here must stop the broker, not leave its sends stuck
+            log.critical("journal thread failed", exc_info=True)
+            self.failed = True
+            try:
+                os.write(self._wake_fd, b"j")
+            except OSError:
+                pass
+
+    def _write_batches(self) -> None:
         held: dict[int, FinishedTask] = {}  # run outcomes not written yet, by seq
-        # per loop iteration that had some: when they are due, their seqs, its late sends
+        # per loop iteration that had to wait: when due, the seqs it waits for, its late sends
         waiting: deque[tuple[float, list[int], list[Send]]] = deque()
         stop = False
         while not stop and not self.failed:
@@ -463,7 +476,7 @@ class JournalWriter:
                 if batch.finished and not stop:
                     written = []
                     for finished in batch.finished:
-                        if finished.outcome.status in RAN_OUTCOMES:
+                        if finished.hold:
                             held[finished.seq] = finished
                             seqs.append(finished.seq)
                         else:
@@ -471,13 +484,17 @@ class JournalWriter:
                     batch.finished = written
                 for seq in batch.forgotten:
                     held.pop(seq, None)  # delivered first: never written
+                for seq in batch.durable:
+                    row = held.pop(seq, None)  # a task is about to use it: write it now
+                    if row is not None:
+                        batch.finished.append(row)
                 merged.extend(batch)
-                if seqs:
+                if seqs or waiting:  # late sends keep their order behind those waiting
                     waiting.append((now + _HOLD_S, seqs, late))
                 else:
                     ready.extend(late)
                     completed += 1
-            # due, or every outcome it waited for delivered meanwhile (oldest first: in order)
+            # due, or every outcome it waited for written or delivered (oldest first: in order)
             while waiting and (
                 stop or waiting[0][0] <= now or not any(seq in held for seq in waiting[0][1])
             ):

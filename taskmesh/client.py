@@ -152,10 +152,13 @@ class TaskFuture(Future[T]):
 
     def result(self, timeout: float | None = None) -> T:
         if self._state == _FINISHED:  # settled: nothing to wait for, no Condition to make
-            if self._exception is not None:
+            if self._exception is None:
+                result: T = self._result
+                return result
+            try:
                 raise self._exception
-            result: T = self._result
-            return result
+            finally:
+                self = None  # type: ignore[assignment]  # no future <-> traceback cycle
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -168,6 +171,9 @@ class TaskFuture(Future[T]):
         # cancel here first: the broker's reply may otherwise finish the future in between
         if not super().cancel():
             return False
+        # what an Executor does for a future it will not run: wait() and as_completed() count
+        # a future as done only once it is CANCELLED_AND_NOTIFIED
+        self.set_running_or_notify_cancel()
         self._client._request_cancel([self.task_id], terminate=False)
         return True
 

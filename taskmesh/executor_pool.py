@@ -138,6 +138,7 @@ class ExecutorPool:
         self.backlog: deque[p.Assignment] = deque()
         self._outcomes: list[p.Outcome] = []
         self._seq = 0
+        self._timed_held = 0  # tasks with a time limit in executors' hands
         self.avg_run_s = 0.01  # pessimistic until measured: long tasks go one at a time
         self.version = 0  # bumps whenever the set of file descriptors to poll changes
         self.done = 0
@@ -239,6 +240,8 @@ class ExecutorPool:
                 self.backlog.popleft()
                 self._seq += 1
                 ex.tasks.append((self._seq, task))
+                if task.timeout_s:
+                    self._timed_held += 1
                 batch.append(
                     (
                         self._seq,
@@ -273,7 +276,8 @@ class ExecutorPool:
             if kind == "conn":
                 self._read(ex)
                 self._retire_if_spent(ex)
-            if not ex.process.is_alive() and ex not in dead:
+            # only a readable sentinel means an exit: is_alive() builds a selector every call
+            elif not ex.process.is_alive() and ex not in dead:
                 dead.append(ex)
         for ex in dead:
             self._died(ex)
@@ -314,6 +318,8 @@ class ExecutorPool:
                     log.error("executor %d returned task seq %s out of order", ex.index, seq)
                     continue
                 _, task = ex.tasks.popleft()
+                if task.timeout_s:
+                    self._timed_held -= 1
                 ex.completed += 1
                 self.avg_run_s += 0.2 * (run_s - self.avg_run_s)
                 if seq in ex.cancelled:
@@ -345,6 +351,7 @@ class ExecutorPool:
             seq = running[0]
         held = list(ex.tasks)
         ex.tasks.clear()
+        self._timed_held -= sum(1 for _, task in held if task.timeout_s)
         ex.conn.close()
         how = _signal_name(ex.process.exitcode)
         back: list[p.Assignment] = []
@@ -423,7 +430,9 @@ class ExecutorPool:
         return soonest
 
     def has_timed_tasks(self) -> bool:
-        return any(t.timeout_s for ex in self._executors for _, t in ex.tasks)
+        # a count kept as tasks come and go: the supervisor asks on every loop iteration, and
+        # a scan of every held task (hundreds, for short tasks) cost more than the answer
+        return self._timed_held > 0
 
     def abort(self, task_ids: set[str], terminate: bool = True) -> None:
         """Cancel tasks here: drop them from the backlog and, with ``terminate``, kill the

@@ -60,6 +60,9 @@ class FinishedTask:
     outcome: Outcome
     finished_at: float  # wall time
     seq: int  # the row to update: the broker's sequence number for this task
+    # its producer has it already and no task depends on it: the journal may hold the row back
+    # a moment, for a DELIVERED to make it moot (see broker.JournalWriter)
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,8 @@ class JournalBatch:
     requeued: list[tuple[int, int, int, float | None]] = field(default_factory=list)
     finished: list[FinishedTask] = field(default_factory=list)
     forgotten: list[int] = field(default_factory=list)  # seqs of tasks to drop
+    # seqs whose held outcome must be in this transaction: a task about to use it is sent after
+    durable: list[int] = field(default_factory=list)
     # by name: the schedule's new state, or None once it is removed; applied in order
     schedules: list[tuple[str, StoredSchedule | None]] = field(default_factory=list)
 
@@ -99,6 +104,7 @@ class JournalBatch:
         self.finished.extend(other.finished)
         self.forgotten.extend(other.forgotten)
         self.schedules.extend(other.schedules)
+        self.durable.extend(other.durable)
 
     def coalesce(self) -> None:
         """Drop what a forget in the same batch makes moot: the forgotten task's outcome and
@@ -127,6 +133,7 @@ class Recovery:
     pending: list[PendingTask]
     finished: list[FinishedTask]
     schedules: list[StoredSchedule] = field(default_factory=list)
+    last_seq: int = -1  # the highest seq in the journal, readable or not: never to be reused
 
 
 class Journal(ABC):
@@ -190,13 +197,15 @@ CREATE TABLE IF NOT EXISTS schedules (
 SCHEMA_VERSION = "2"
 
 # schema 1 keyed tasks by task id: a second B-tree, written at a random place by every insert,
-# update and delete, cost twice the CPU of the rowid key it has now (same columns otherwise)
+# update and delete, cost twice the CPU of the rowid key it has now (same columns otherwise).
+# Its seq column was not unique, so rows are numbered afresh, in the same order.
 _MIGRATE_FROM_1 = (
     "ALTER TABLE tasks RENAME TO tasks_schema1;"
     + _TASKS_TABLE
     + """
-INSERT OR REPLACE INTO tasks
-    SELECT seq, task_id, client_id, spec, lost, errors, not_before, state, outcome, finished_at
+INSERT INTO tasks
+    SELECT row_number() OVER (ORDER BY seq, rowid) - 1,
+        task_id, client_id, spec, lost, errors, not_before, state, outcome, finished_at
     FROM tasks_schema1;
 DROP TABLE tasks_schema1;
 UPDATE meta SET value = '2' WHERE key = 'schema';
@@ -210,6 +219,7 @@ UPDATE meta SET value = '2' WHERE key = 'schema';
 # Fixed chunk sizes keep the statements few (and cached); 128 rows of 7 values stay under the
 # 999 variables older SQLite builds allow.
 _CHUNKS = (128, 32, 8, 1)
+_SQLITE_NEEDED = (3, 25, 0)  # upsert (3.24) for finished rows, row_number() (3.25) to migrate
 
 
 def _statements(head: str, row: str, tail: str = "") -> dict[int, str]:
@@ -217,8 +227,7 @@ def _statements(head: str, row: str, tail: str = "") -> dict[int, str]:
 
 
 _INSERT = _statements(
-    "INSERT OR REPLACE INTO tasks (seq, task_id, client_id, spec, lost, errors, not_before)"
-    " VALUES ",
+    "INSERT INTO tasks (seq, task_id, client_id, spec, lost, errors, not_before) VALUES ",
     "(?, ?, ?, ?, ?, ?, ?)",
 )
 # an upsert, so a finished task needs one statement whether or not its row is there yet
@@ -251,6 +260,12 @@ class SqliteJournal(Journal):
     """
 
     def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
+        if sqlite3.sqlite_version_info < _SQLITE_NEEDED:
+            needed = ".".join(map(str, _SQLITE_NEEDED))
+            raise ValueError(
+                f"the journal needs SQLite {needed} or later (upserts, window functions); "
+                f"this Python has SQLite {sqlite3.sqlite_version}"
+            )
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError(f"journal synchronous mode must be FULL or NORMAL, not {synchronous}")
         self.path = path
@@ -307,7 +322,8 @@ class SqliteJournal(Journal):
                 )
             except Exception as exc:
                 log.error("journal: skipping unreadable schedule %s: %s", name, exc)
-        return Recovery(pending, finished, schedules)
+        (last_seq,) = self._db.execute("SELECT coalesce(max(seq), -1) FROM tasks").fetchone()
+        return Recovery(pending, finished, schedules, last_seq)
 
     def write(self, batch: JournalBatch) -> None:
         if not batch:

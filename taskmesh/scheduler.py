@@ -103,12 +103,13 @@ class TaskState(enum.StrEnum):
 TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 
 # Outcomes of runs that ended by themselves, with a value or an exception, go to their producer
-# without waiting for the journal. Were the broker to die before committing one, the task would
-# run again (at least once allows that) and the producer, which has its outcome already, would
-# drop the second. Outcomes that decide a task's fate without a run to show for it (cancelled,
-# lost too often, timed out, a dependency failed) wait for the commit: a rerun would contradict
-# them. Sent early, an outcome's DELIVERED often comes back before the journal thread has
-# written it, and then the journal writes neither (``JournalBatch.coalesce``).
+# without waiting for the journal, unless another task depends on them (``_finish``). Were the
+# broker to die before committing one, the task would run again (at least once allows that) and
+# the producer, which has its outcome already, would drop the second. Outcomes that decide a
+# task's fate without a run to show for it (cancelled, lost too often, timed out, a dependency
+# failed) wait for the commit: a rerun would contradict them. Sent early, an outcome's DELIVERED
+# often comes back before the journal thread has written it, and then the journal writes
+# neither (``FinishedTask.hold``, ``JournalBatch.coalesce``).
 RAN_OUTCOMES = frozenset({Status.OK, Status.ERROR})
 
 
@@ -566,6 +567,10 @@ class Scheduler:
         for dep_id in record.spec.deps:
             self._pins[dep_id] = self._pins.get(dep_id, 0) + 1
             dep = self.tasks.get(dep_id) if dep_id != task_id else None
+            if dep is not None and dep.state in TERMINAL and self.config.journaled:
+                # this task is about to use that outcome (or fail by it): it must be durable
+                # before anything about this task goes out, even if the journal held it back
+                self.journal.durable.append(dep.seq)
             if dep is not None and dep.state is TaskState.DONE:
                 continue
             if dep is None or dep.state in TERMINAL:
@@ -1191,26 +1196,35 @@ class Scheduler:
             )
             del self.recent_failures[: -self.config.recent_failures]
         self._retired[record.spec.task_id] = now
+        task_id = record.spec.task_id
+        # a run's outcome goes out before its commit, and its row may wait, unless a task
+        # depends on it: that one must never see a value that a rerun could replace
+        early = (
+            outcome.status in RAN_OUTCOMES
+            and task_id not in self._dependents
+            and task_id not in self._pins
+        )
         if self.config.journaled:
             self.journal.finished.append(
                 FinishedTask(
-                    record.spec.task_id,
+                    task_id,
                     record.client_id,
                     str(state),
                     outcome,
                     now + self.wall_offset,
                     record.seq,
+                    hold=early,
                 )
             )
-        self._deliver(record, outcome)
+        self._deliver(record, outcome, early)
         if record.spec.deps:
             self._unpin(record.spec.deps)
         if record.spec.task_id in self._dependents:
             self._settled.append(record.spec.task_id)
             self._tell_dependents(now)
 
-    def _deliver(self, record: TaskRecord, outcome: Outcome) -> None:
-        out = self._out_ran if outcome.status in RAN_OUTCOMES else self._out_outcomes
+    def _deliver(self, record: TaskRecord, outcome: Outcome, early: bool = False) -> None:
+        out = self._out_ran if early else self._out_outcomes
         out.setdefault(record.client_id, []).append(outcome)
 
     def _release_delayed(self, now: float) -> None:
@@ -1441,7 +1455,8 @@ class Scheduler:
             retired.append((done.finished_at - self.wall_offset, done.task_id))
             max_seq = max(max_seq, done.seq)
         self._retired = {task_id: at for at, task_id in sorted(retired)}
-        self._seq = itertools.count(max_seq + 1)
+        # past every row, readable or not: a skipped row's seq must not be given out again
+        self._seq = itertools.count(max(max_seq, recovery.last_seq) + 1)
         # every task is known now: a dependent waits again, or (its grace passed) is queued
         for record, ready_at in recovered:
             if record.state is TaskState.PENDING and not (

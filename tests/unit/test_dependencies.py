@@ -266,3 +266,31 @@ def test_a_key_routed_task_moves_on_when_its_worker_drains() -> None:
     b.flush()
     b.finish(ok("busy-b" if other == b"w-b" else "busy-a"), address=other)
     assert "keyed" in b.assigned  # went to the worker that stays
+
+
+def test_an_outcome_a_task_waits_for_is_neither_sent_early_nor_held() -> None:
+    """Its dependents are sent its value in the same loop iteration: were its row held back,
+    a broker dying then would run it again and could record another value than theirs."""
+    b = Broker()
+    b.worker(credit=2)
+    b.submit(task("a"), task("plain"), task("b", "a"))
+    b.s.take_journal()
+    b.s.handle(W, WORKER, Results([ok("a"), ok("plain")], 2), b.now)
+    sends = b.flush()
+    early = {o.task_id for s in sends if s.early for o in s.message.outcomes}
+    assert early == {"plain"}
+    held = {f.task_id: f.hold for f in b.s.take_journal().finished}
+    assert held == {"a": False, "plain": True}
+    assert b.assigned["b"].deps[0] == ("a", b"va")
+
+
+def test_a_task_that_needs_a_finished_outcome_asks_for_it_to_be_durable() -> None:
+    b = Broker()
+    b.worker(credit=1)
+    b.submit(task("a"))
+    b.finish(ok("a"))
+    seq_a = b.s.tasks["a"].seq
+    b.s.take_journal()
+    b.submit(task("b", "a"))  # its TASKS carry a's value: a's row must be written first
+    assert b.s.take_journal().durable == [seq_a]
+    assert b.assigned["b"].deps[0] == ("a", b"va")

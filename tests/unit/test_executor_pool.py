@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import select
 import time
 from collections.abc import Iterator
@@ -78,3 +79,23 @@ def test_a_task_cancelled_behind_a_killed_one_is_not_run_again(pool: ExecutorPoo
     assert pool.handed() == ["A", "B"]
     pool.abort({"A", "B"}, terminate=True)  # kills A's executor; B waits behind it
     assert outcomes_until(pool, 2, 20) == {"A": p.Status.CANCELLED, "B": p.Status.CANCELLED}
+
+
+def test_the_pool_counts_the_tasks_with_a_time_limit_it_holds(pool: ExecutorPool) -> None:
+    """The supervisor polls often while such a task is held; the count must follow every way
+    a task leaves an executor: finished, or with its executor dead."""
+    pool.avg_run_s = 1e-5
+    sleep_args = dumps_call("sleep", (0.0,), {})
+    timed = p.Assignment("timed", "sleep", dumps_function(time.sleep), sleep_args, 1, 5.0)
+    pool.offer([sleeping("plain", 0.0), timed])
+    assert not pool.has_timed_tasks()  # in the backlog, not with an executor
+    pool.pump()
+    assert pool.has_timed_tasks()
+    assert outcomes_until(pool, 2, 20) == {"plain": p.Status.OK, "timed": p.Status.OK}
+    assert not pool.has_timed_tasks()
+    exits = dumps_function(os._exit)
+    pool.offer([p.Assignment("dies", "exit", exits, dumps_call("exit", (3,), {}), 1, 5.0)])
+    pool.pump()
+    assert pool.has_timed_tasks()
+    assert outcomes_until(pool, 1, 20) == {"dies": p.Status.LOST}
+    assert not pool.has_timed_tasks()

@@ -75,6 +75,10 @@ def _schema_1_journal(path: str) -> None:
         "INSERT INTO tasks (task_id, client_id, seq, spec, lost) VALUES (?, ?, ?, ?, ?)",
         ("old-pending", "c1", 7, pack_task(spec("old-pending")), 2),
     )
+    db.execute(  # schema 1 did not keep seqs unique
+        "INSERT INTO tasks (task_id, client_id, seq, spec) VALUES (?, ?, ?, ?)",
+        ("same-seq", "c1", 7, pack_task(spec("same-seq"))),
+    )
     outcome = Outcome("old-done", Status.OK, b"v", None, 0.1)
     db.execute(
         "INSERT INTO tasks (task_id, client_id, seq, spec, state, outcome, finished_at)"
@@ -90,14 +94,19 @@ def test_a_schema_1_journal_is_migrated_and_keeps_every_task(tmp_path: Path) -> 
     _schema_1_journal(path)
     journal = SqliteJournal(path)
     recovered = journal.load()
-    assert [(t.spec.task_id, t.seq, t.lost) for t in recovered.pending] == [("old-pending", 7, 2)]
-    assert [(f.task_id, f.seq, f.outcome.value) for f in recovered.finished] == [
-        ("old-done", 3, b"v")
+    # numbered afresh in their old order, none lost to a shared seq
+    assert [(t.spec.task_id, t.seq, t.lost) for t in recovered.pending] == [
+        ("old-pending", 1, 2),
+        ("same-seq", 2, 0),
     ]
-    journal.write(JournalBatch(forgotten=[7]))  # rows are now found by seq
+    assert [(f.task_id, f.seq, f.outcome.value) for f in recovered.finished] == [
+        ("old-done", 0, b"v")
+    ]
+    assert recovered.last_seq == 2
+    journal.write(JournalBatch(forgotten=[1]))  # rows are now found by seq
     journal.close()
     reopened = SqliteJournal(path)
-    assert reopened.load().pending == []
+    assert [t.spec.task_id for t in reopened.load().pending] == ["same-seq"]
     (version,) = reopened._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     assert version == SCHEMA_VERSION
     reopened.close()
@@ -186,3 +195,19 @@ def test_coalesced_batches_leave_the_journal_as_the_batches_one_by_one_would(
     assert state(grouped) == state(plain)
     plain.close()
     grouped.close()
+
+
+def test_the_last_seq_counts_rows_that_cannot_be_read(tmp_path: Path) -> None:
+    """A restarted broker numbers new tasks past every row, or a new task would overwrite an
+    unreadable one (and a plain INSERT refuses to)."""
+    path = str(tmp_path / "j.db")
+    journal = SqliteJournal(path)
+    journal.write(JournalBatch(submitted=[PendingTask(spec("t1"), "c1", 1)]))
+    journal._db.execute(
+        "INSERT INTO tasks (seq, task_id, client_id, spec) VALUES (9, 'bad', 'c1', x'c1')"
+    )
+    recovered = journal.load()
+    assert [t.seq for t in recovered.pending] == [1] and recovered.last_seq == 9
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.write(JournalBatch(submitted=[PendingTask(spec("t9"), "c1", 9)]))
+    journal.close()

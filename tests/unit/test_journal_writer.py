@@ -45,9 +45,10 @@ def spec(seq: int) -> p.TaskSpec:
     return p.TaskSpec(f"t{seq}", "mod.f", "default", b"fn", b"args")
 
 
-def finished(seq: int, status: p.Status = p.Status.OK) -> FinishedTask:
-    outcome = p.Outcome(f"t{seq}", status, b"value", None, 0.1)
-    return FinishedTask(f"t{seq}", "c1", "done", outcome, 1.0, seq)
+def finished(seq: int, hold: bool = True) -> FinishedTask:
+    """A finished task's row; ``hold``: what the scheduler sets for a run nothing depends on."""
+    outcome = p.Outcome(f"t{seq}", p.Status.OK, b"value", None, 0.1)
+    return FinishedTask(f"t{seq}", "c1", "done", outcome, 1.0, seq, hold=hold)
 
 
 def ack(*seqs: int) -> Send:
@@ -110,12 +111,38 @@ def test_a_run_outcome_not_delivered_is_written_after_the_hold_and_then_acknowle
     assert writer.in_flight == 0
 
 
-def test_outcomes_that_decide_a_task_are_written_at_once(
+def test_outcomes_not_to_be_held_are_written_at_once(
     writer: JournalWriter, journal: SqliteJournal
 ) -> None:
     writer.submit(JournalBatch(submitted=[PendingTask(spec(1), "c1", 1)]), [], [])
-    writer.submit(JournalBatch(finished=[finished(1, p.Status.TIMEOUT)]), [], [results_ack(1)])
-    assert released(writer, 1) == [results_ack(1)]
+    writer.submit(JournalBatch(finished=[finished(1, hold=False)]), [ack(9)], [results_ack(1)])
+    assert released(writer, 2) == [ack(9), results_ack(1)]
+    assert rows(journal) == {1: "done"}
+
+
+def test_a_held_outcome_a_new_task_needs_is_written_before_that_task_goes_out(
+    writer: JournalWriter, journal: SqliteJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("taskmesh.broker._HOLD_S", 30.0)  # held for the whole test otherwise
+    writer.submit(JournalBatch(submitted=[PendingTask(spec(1), "c1", 1)]), [], [])
+    writer.submit(JournalBatch(finished=[finished(1)]), [], [results_ack(1)])
+    # a dependent of task 1 arrives: its ACK (and its TASKS) must follow task 1's row
+    dependent = JournalBatch(submitted=[PendingTask(spec(2), "c1", 2)], durable=[1])
+    writer.submit(dependent, [ack(2)], [])
+    assert released(writer, 2) == [ack(2), results_ack(1)]
+    assert rows(journal) == {1: "done", 2: "pending"}
+
+
+def test_a_results_ack_waits_behind_an_earlier_held_outcome(
+    writer: JournalWriter, journal: SqliteJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker resending an outcome whose row is held gets its RESULTS_ACK only after."""
+    monkeypatch.setattr("taskmesh.broker._HOLD_S", 0.3)
+    writer.submit(JournalBatch(submitted=[PendingTask(spec(1), "c1", 1)]), [], [])
+    writer.submit(JournalBatch(finished=[finished(1)]), [], [results_ack(1)])
+    writer.submit(JournalBatch(), [], [results_ack(1)])  # the resend: nothing new to write
+    assert released(writer, 1, timeout=0.1) == []  # neither goes before the row is written
+    assert released(writer, 2) == [results_ack(1), results_ack(1)]
     assert rows(journal) == {1: "done"}
 
 

@@ -1039,6 +1039,15 @@ def test_after_a_broker_restart_only_reported_starts_are_charged() -> None:
     assert (m.s.tasks["ran"].lost, m.s.tasks["waited"].lost) == (1, 0)
 
 
+def test_after_a_restart_new_tasks_are_numbered_past_every_journal_row() -> None:
+    """Rows the journal could not read still hold their seq: a new task must not take it."""
+    m = Mesh()
+    m.s.restore(Recovery([PendingTask(spec("old"), "client-1", 3)], [], last_seq=9), 0.0)
+    m.hello()
+    m.submit(spec("new"))
+    assert m.s.tasks["new"].seq == 10
+
+
 def test_cancel_of_a_delayed_task() -> None:
     m = Mesh(heartbeat_interval_s=100.0)
     m.hello()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -129,3 +130,27 @@ def test_asyncio_awaits_a_future_settled_from_another_thread(client: Client) -> 
         return await asyncio.wait_for(f, timeout=10)
 
     assert asyncio.run(main()) == "from a thread"
+
+
+def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed(client: Client) -> None:
+    f = future(client)
+    assert f.cancel() and f.cancelled() and f.done()
+    finished, not_done = cf.wait([f], timeout=5)
+    assert finished == {f} and not not_done
+    assert list(cf.as_completed([f], timeout=5)) == [f]
+    with pytest.raises(cf.CancelledError):
+        f.result(timeout=0)
+
+
+def test_a_waiter_already_in_wait_is_told_of_a_cancel(client: Client) -> None:
+    f = future(client)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(cf.wait([f], timeout=10)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not f._waiters and time.monotonic() < deadline:  # wait() has installed its waiter
+        time.sleep(0.001)
+    f.cancel()
+    waiter.join(timeout=10)
+    ((finished, _),) = got
+    assert finished == {f}
