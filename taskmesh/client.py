@@ -37,7 +37,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq
 
@@ -102,12 +102,18 @@ class TaskFuture(Future[T]):
     """
 
     def __init__(self, task_id: str, name: str, client: Client) -> None:
-        # Future.__init__ but for the Condition
+        # Future.__init__ but for the Condition and the two lists only a thread holding it may
+        # change: those come with it (empty tuples until then, for reading). Every object the
+        # collector tracks counts: a producer keeps thousands of futures alive, and each full
+        # collection walks them all.
         self._state = _PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+        self._waiters = cast(list[Any], ())
+        self._done_callbacks = cast(list[Callable[[Future[T]], object]], ())
+        # an attribute, not a lookup in __dict__: reading __dict__ makes CPython build a real
+        # dict for the object (another tracked object per future)
+        self._made_condition: threading.Condition | None = None
         self.task_id = task_id
         self.name = name
         self._client = client
@@ -115,22 +121,24 @@ class TaskFuture(Future[T]):
 
     @property
     def _condition(self) -> threading.Condition:
-        condition: threading.Condition | None = self.__dict__.get("_made_condition")
+        condition = self._made_condition
         if condition is None:
             with _CONDITION_MADE:
-                condition = self.__dict__.get("_made_condition")
+                condition = self._made_condition
                 if condition is None:
-                    condition = self.__dict__["_made_condition"] = threading.Condition()
+                    self._waiters = []
+                    self._done_callbacks = []
+                    condition = self._made_condition = threading.Condition()
         return condition
 
     @_condition.setter
     def _condition(self, condition: threading.Condition) -> None:
-        self.__dict__["_made_condition"] = condition
+        self._made_condition = condition
 
     def _settle_alone(self, result: Any, exception: BaseException | None) -> bool:
         """Settle without a Condition if nobody has one yet; False if someone might wait."""
         with _CONDITION_MADE:
-            if "_made_condition" in self.__dict__:
+            if self._made_condition is not None:
                 return False
             if self._state in _SETTLED:
                 raise InvalidStateError(f"{self._state}: {self!r}")
