@@ -14,6 +14,7 @@ so a shared PostgreSQL journal can implement the same interface. Times are wall-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -174,7 +175,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     not_before  REAL,
     state       TEXT NOT NULL DEFAULT 'pending',
     outcome     BLOB,
-    finished_at REAL
+    finished_at REAL,
+    fn_ref      BLOB
 );
 """
 
@@ -182,6 +184,10 @@ _SCHEMA = (
     _TASKS_TABLE
     + """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS functions (
+    digest BLOB PRIMARY KEY,
+    body   BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS schedules (
     name     TEXT PRIMARY KEY,
     periodic BLOB NOT NULL,
@@ -194,7 +200,7 @@ CREATE TABLE IF NOT EXISTS schedules (
 """
 )
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 # schema 1 keyed tasks by task id: a second B-tree, written at a random place by every insert,
 # update and delete, cost twice the CPU of the rowid key it has now (same columns otherwise).
@@ -204,21 +210,26 @@ _MIGRATE_FROM_1 = (
     + _TASKS_TABLE
     + """
 INSERT INTO tasks
+    (seq, task_id, client_id, spec, lost, errors, not_before, state, outcome, finished_at)
     SELECT row_number() OVER (ORDER BY seq, rowid) - 1,
         task_id, client_id, spec, lost, errors, not_before, state, outcome, finished_at
     FROM tasks_schema1;
 DROP TABLE tasks_schema1;
-UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 )
+# schema 2 kept every task's function pickle in its row: 460 bytes for a function defined in a
+# script's __main__, most of each row, and 15 % of the throughput with the journal on
+_MIGRATE_FROM_2 = "ALTER TABLE tasks ADD COLUMN fn_ref BLOB;"
 
 
 # Rows go in as one multi-row statement per chunk, not one ``executemany`` step per row: the
 # sqlite3 module lets go of the interpreter lock around every step, and each step then waits for
 # the broker's loop to hand it back, so a busy broker made the journal thread crawl row by row.
-# Fixed chunk sizes keep the statements few (and cached); 128 rows of 7 values stay under the
+# Fixed chunk sizes keep the statements few (and cached); 120 rows of 8 values stay under the
 # 999 variables older SQLite builds allow.
-_CHUNKS = (128, 32, 8, 1)
+_CHUNKS = (120, 30, 6, 1)
+_SHARED_FN_MIN = 256  # a function pickle this long is kept once, in `functions`, when it repeats
+_FNS_REMEMBERED = 4096  # distinct function pickles the writer remembers (each list is cleared)
 _SQLITE_NEEDED = (3, 25, 0)  # upsert (3.24) for finished rows, row_number() (3.25) to migrate
 
 
@@ -227,15 +238,15 @@ def _statements(head: str, row: str, tail: str = "") -> dict[int, str]:
 
 
 _INSERT = _statements(
-    "INSERT INTO tasks (seq, task_id, client_id, spec, lost, errors, not_before) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?)",
+    "INSERT INTO tasks (seq, task_id, client_id, spec, lost, errors, not_before, fn_ref) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
 )
 # an upsert, so a finished task needs one statement whether or not its row is there yet
 _FINISH = _statements(
     "INSERT INTO tasks (seq, task_id, client_id, spec, state, outcome, finished_at) VALUES ",
     "(?, ?, ?, x'', ?, ?, ?)",
     " ON CONFLICT (seq) DO UPDATE SET state = excluded.state, outcome = excluded.outcome,"
-    " finished_at = excluded.finished_at, spec = x''",
+    " finished_at = excluded.finished_at, spec = x'', fn_ref = NULL",
 )
 _DELETE = _statements("DELETE FROM tasks WHERE seq IN (", "?", ")")
 
@@ -279,13 +290,24 @@ class SqliteJournal(Journal):
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] == "1":
-            self._db.executescript(f"BEGIN; {_MIGRATE_FROM_1} COMMIT;")
-            log.info("journal %s: migrated from schema 1 to %s", path, SCHEMA_VERSION)
+        elif row[0] in ("1", "2"):
+            steps = _MIGRATE_FROM_1 if row[0] == "1" else _MIGRATE_FROM_2
+            self._db.executescript(
+                f"BEGIN; {steps} UPDATE meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema';"
+                " COMMIT;"
+            )
+            log.info("journal %s: migrated from schema %s to %s", path, row[0], SCHEMA_VERSION)
         elif row[0] != SCHEMA_VERSION:
             raise ValueError(
                 f"journal {path} has schema {row[0]}; this taskmesh writes schema {SCHEMA_VERSION}"
             )
+        # functions no task refers to any more: their tasks finished while the broker ran
+        self._db.execute(
+            "DELETE FROM functions WHERE digest NOT IN"
+            " (SELECT fn_ref FROM tasks WHERE fn_ref IS NOT NULL)"
+        )
+        self._stored_fns: dict[bytes, bytes] = {}  # function pickle -> digest, row written
+        self._seen_fns: dict[bytes, None] = {}  # function pickles seen once (an ordered set)
         self.commits = 0
         self.commit_seconds = 0.0
         self.commit_time = Histogram()
@@ -295,14 +317,20 @@ class SqliteJournal(Journal):
         finished: list[FinishedTask] = []
         rows = self._db.execute(
             "SELECT task_id, client_id, seq, spec, lost, errors, not_before, state, outcome,"
-            " finished_at FROM tasks ORDER BY seq"
+            " finished_at, fn_ref, body FROM tasks LEFT JOIN functions ON digest = fn_ref"
+            " ORDER BY seq"
         )
-        for task_id, client_id, seq, spec, lost, errors, not_before, state, outcome, at in rows:
+        for row in rows:
+            task_id, client_id, seq, spec, lost, errors, not_before, state, outcome, at = row[:10]
+            fn_ref, fn = row[10:]
             try:
                 if state == "pending":
-                    pending.append(
-                        PendingTask(unpack_task(spec), client_id, seq, lost, errors, not_before)
-                    )
+                    task = unpack_task(spec)
+                    if fn_ref is not None:
+                        if fn is None:
+                            raise ValueError(f"its function {fn_ref.hex()} is missing")
+                        task.fn = fn
+                    pending.append(PendingTask(task, client_id, seq, lost, errors, not_before))
                 else:
                     finished.append(
                         FinishedTask(task_id, client_id, state, unpack_outcome(outcome), at, seq)
@@ -325,6 +353,26 @@ class SqliteJournal(Journal):
         (last_seq,) = self._db.execute("SELECT coalesce(max(seq), -1) FROM tasks").fetchone()
         return Recovery(pending, finished, schedules, last_seq)
 
+    def _function_ref(self, fn: object, new: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The digest under which a task's function is kept in ``functions``, or None to keep
+        it in the task's row. Only a function seen before is shared: a closure pickled with
+        different values every time would otherwise add a row for every task."""
+        if type(fn) is not bytes or len(fn) < _SHARED_FN_MIN:
+            return None
+        digest = self._stored_fns.get(fn)
+        if digest is not None:
+            return digest
+        if fn not in self._seen_fns:
+            if len(self._seen_fns) >= _FNS_REMEMBERED:
+                self._seen_fns.clear()
+            self._seen_fns[fn] = None
+            return None
+        if len(self._stored_fns) >= _FNS_REMEMBERED:
+            self._stored_fns.clear()  # a row is only ever added again (INSERT OR IGNORE)
+        digest = self._stored_fns[fn] = hashlib.blake2b(fn, digest_size=16).digest()
+        new.append((digest, fn))
+        return digest
+
     def write(self, batch: JournalBatch) -> None:
         if not batch:
             return
@@ -334,17 +382,22 @@ class SqliteJournal(Journal):
         try:
             if batch.submitted:
                 params: list[object] = []
+                functions: list[tuple[bytes, bytes]] = []
                 for t in batch.submitted:
+                    fn_ref = self._function_ref(t.spec.fn, functions)
                     params += (
                         t.seq,
                         t.spec.task_id,
                         t.client_id,
-                        pack_task(t.spec),
+                        pack_task(t.spec, without_fn=fn_ref is not None),
                         t.lost,
                         t.errors,
                         t.not_before,
+                        fn_ref,
                     )
-                _execute_rows(db, _INSERT, params, 7)
+                if functions:
+                    db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?)", functions)
+                _execute_rows(db, _INSERT, params, 8)
             if batch.requeued:
                 db.executemany(
                     "UPDATE tasks SET lost = ?, errors = ?, not_before = ? WHERE seq = ?",

@@ -915,8 +915,12 @@ def allowed(signature: bytes, msg: Message) -> bool:
 _INLINE_ALL = 1 << 62
 
 
-def pack_task(spec: TaskSpec) -> bytes:
-    packed: bytes = msgpack.packb(spec.to_wire(_BlobWriter(_INLINE_ALL)), use_bin_type=True)
+def pack_task(spec: TaskSpec, *, without_fn: bool = False) -> bytes:
+    """``without_fn``: leave the function's pickle out (the journal keeps it elsewhere)."""
+    wire = spec.to_wire(_BlobWriter(_INLINE_ALL))
+    if without_fn:
+        wire[3] = b""
+    packed: bytes = msgpack.packb(wire, use_bin_type=True)
     return packed
 
 

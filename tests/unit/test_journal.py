@@ -211,3 +211,88 @@ def test_the_last_seq_counts_rows_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         journal.write(JournalBatch(submitted=[PendingTask(spec("t9"), "c1", 9)]))
     journal.close()
+
+
+# --------------------------------------------------------------------------- shared functions
+
+
+def big_spec(task_id: str, fn: bytes) -> TaskSpec:
+    return TaskSpec(task_id, "__main__.f", "default", fn, b"args-" + task_id.encode())
+
+
+def test_a_function_that_repeats_is_kept_once_and_every_task_gets_it_back(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "j.db")
+    shared, once = b"f" * 460, b"g" * 460  # pickles of functions defined in a script
+    journal = SqliteJournal(path)
+    journal.write(
+        JournalBatch(
+            submitted=[PendingTask(big_spec(f"t{i}", shared), "c1", i) for i in range(3)]
+            + [PendingTask(big_spec("t3", once), "c1", 3)]
+        )
+    )
+    db = sqlite3.connect(path)
+    refs = [r for (r,) in db.execute("SELECT fn_ref FROM tasks ORDER BY seq")]
+    assert refs[0] is None and refs[1] == refs[2] is not None and refs[3] is None
+    assert db.execute("SELECT count(*) FROM functions").fetchone() == (1,)
+    assert max(len(s) for (s,) in db.execute("SELECT spec FROM tasks WHERE seq IN (1, 2)")) < 200
+    db.close()
+    journal.close()
+    recovered = SqliteJournal(path).load()
+    assert [t.spec for t in recovered.pending] == [
+        big_spec("t0", shared),
+        big_spec("t1", shared),
+        big_spec("t2", shared),
+        big_spec("t3", once),
+    ]
+
+
+def test_functions_of_finished_tasks_are_dropped_when_the_journal_is_opened(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "j.db")
+    shared = b"f" * 460
+    journal = SqliteJournal(path)
+    journal.write(
+        JournalBatch(submitted=[PendingTask(big_spec(f"t{i}", shared), "c1", i) for i in range(3)])
+    )
+    done = Outcome("t1", Status.OK, b"v", None, 0.1)
+    journal.write(
+        JournalBatch(
+            finished=[FinishedTask(f"t{i}", "c1", "done", done, 1.0, i) for i in (1, 2)],
+        )
+    )
+    journal.close()
+    reopened = SqliteJournal(path)  # t0 kept its function in its row; t1 and t2 are done
+    assert reopened._db.execute("SELECT count(*) FROM functions").fetchone() == (0,)
+    assert [t.spec.fn for t in reopened.load().pending] == [shared]
+    reopened.close()
+
+
+def test_a_schema_2_journal_is_migrated_and_keeps_every_task(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE tasks (
+            seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, client_id TEXT NOT NULL,
+            spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0, not_before REAL,
+            state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '2');
+        """
+    )
+    db.execute(
+        "INSERT INTO tasks (seq, task_id, client_id, spec) VALUES (4, 'old', 'c1', ?)",
+        (pack_task(spec("old")),),
+    )
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    assert [(t.seq, t.spec) for t in journal.load().pending] == [(4, spec("old"))]
+    journal.write(JournalBatch(submitted=[PendingTask(spec("new"), "c1", 5)]))
+    (version,) = journal._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    assert version == SCHEMA_VERSION
+    journal.close()
