@@ -228,8 +228,15 @@ _MIGRATE_FROM_2 = "ALTER TABLE tasks ADD COLUMN fn_ref BLOB;"
 # Fixed chunk sizes keep the statements few (and cached); 120 rows of 8 values stay under the
 # 999 variables older SQLite builds allow.
 _CHUNKS = (120, 30, 6, 1)
-_SHARED_FN_MIN = 256  # a function pickle this long is kept once, in `functions`, when it repeats
-_FNS_REMEMBERED = 4096  # distinct function pickles the writer remembers (each list is cleared)
+# A function pickle of 256 bytes to 8 KiB is kept once, in `functions`, once it repeats. The
+# writer remembers at most 1,024 pickles seen once and 1,024 kept (16 MiB at the very most):
+# when the second list fills, it is cleared and functions no row refers to are deleted.
+_SHARED_FN_MIN = 256
+_SHARED_FN_MAX = 8 << 10
+_FNS_REMEMBERED = 1024
+_DROP_UNUSED_FUNCTIONS = (
+    "DELETE FROM functions WHERE digest NOT IN (SELECT fn_ref FROM tasks WHERE fn_ref IS NOT NULL)"
+)
 _SQLITE_NEEDED = (3, 25, 0)  # upsert (3.24) for finished rows, row_number() (3.25) to migrate
 
 
@@ -289,24 +296,31 @@ class SqliteJournal(Journal):
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
+            # a new file; or tables an older release made before it could record its schema
+            columns = {c[1] for c in self._db.execute("PRAGMA table_info(tasks)")}
+            if "fn_ref" not in columns:
+                self._db.execute(_MIGRATE_FROM_2)
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] in ("1", "2"):
             steps = _MIGRATE_FROM_1 if row[0] == "1" else _MIGRATE_FROM_2
-            self._db.executescript(
-                f"BEGIN; {steps} UPDATE meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema';"
-                " COMMIT;"
-            )
+            try:
+                self._db.executescript(
+                    f"BEGIN; {steps} UPDATE meta SET value = '{SCHEMA_VERSION}'"
+                    " WHERE key = 'schema'; COMMIT;"
+                )
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._db.close()
+                raise
             log.info("journal %s: migrated from schema %s to %s", path, row[0], SCHEMA_VERSION)
         elif row[0] != SCHEMA_VERSION:
             raise ValueError(
                 f"journal {path} has schema {row[0]}; this taskmesh writes schema {SCHEMA_VERSION}"
             )
         # functions no task refers to any more: their tasks finished while the broker ran
-        self._db.execute(
-            "DELETE FROM functions WHERE digest NOT IN"
-            " (SELECT fn_ref FROM tasks WHERE fn_ref IS NOT NULL)"
-        )
-        self._stored_fns: dict[bytes, bytes] = {}  # function pickle -> digest, row written
+        self._db.execute(_DROP_UNUSED_FUNCTIONS)
+        self._shared_fns: dict[bytes, bytes] = {}  # function pickle -> digest, kept in a row
         self._seen_fns: dict[bytes, None] = {}  # function pickles seen once (an ordered set)
         self.commits = 0
         self.commit_seconds = 0.0
@@ -353,24 +367,27 @@ class SqliteJournal(Journal):
         (last_seq,) = self._db.execute("SELECT coalesce(max(seq), -1) FROM tasks").fetchone()
         return Recovery(pending, finished, schedules, last_seq)
 
-    def _function_ref(self, fn: object, new: list[tuple[bytes, bytes]]) -> bytes | None:
+    def _function_ref(self, fn: object, used: dict[bytes, bytes]) -> bytes | None:
         """The digest under which a task's function is kept in ``functions``, or None to keep
-        it in the task's row. Only a function seen before is shared: a closure pickled with
-        different values every time would otherwise add a row for every task."""
-        if type(fn) is not bytes or len(fn) < _SHARED_FN_MIN:
+        it in the task's row; ``used`` collects the batch's digests, whose rows the batch
+        writes (again) itself: no row is assumed to be there from an earlier transaction,
+        which may have been rolled back, or cleaned up by another process opening the file.
+        Only a function seen before is shared: a closure pickled with different values every
+        time would otherwise add a row for every task."""
+        if type(fn) is not bytes or not _SHARED_FN_MIN <= len(fn) <= _SHARED_FN_MAX:
             return None
-        digest = self._stored_fns.get(fn)
-        if digest is not None:
-            return digest
-        if fn not in self._seen_fns:
-            if len(self._seen_fns) >= _FNS_REMEMBERED:
-                self._seen_fns.clear()
-            self._seen_fns[fn] = None
-            return None
-        if len(self._stored_fns) >= _FNS_REMEMBERED:
-            self._stored_fns.clear()  # a row is only ever added again (INSERT OR IGNORE)
-        digest = self._stored_fns[fn] = hashlib.blake2b(fn, digest_size=16).digest()
-        new.append((digest, fn))
+        digest = self._shared_fns.get(fn)
+        if digest is None:
+            if fn not in self._seen_fns:
+                if len(self._seen_fns) >= _FNS_REMEMBERED:
+                    self._seen_fns.clear()
+                self._seen_fns[fn] = None
+                return None
+            if len(self._shared_fns) >= _FNS_REMEMBERED:
+                self._shared_fns.clear()
+                self._db.execute(_DROP_UNUSED_FUNCTIONS)  # in this batch's transaction
+            digest = self._shared_fns[fn] = hashlib.blake2b(fn, digest_size=16).digest()
+        used[digest] = fn
         return digest
 
     def write(self, batch: JournalBatch) -> None:
@@ -382,7 +399,7 @@ class SqliteJournal(Journal):
         try:
             if batch.submitted:
                 params: list[object] = []
-                functions: list[tuple[bytes, bytes]] = []
+                functions: dict[bytes, bytes] = {}
                 for t in batch.submitted:
                     fn_ref = self._function_ref(t.spec.fn, functions)
                     params += (
@@ -396,7 +413,9 @@ class SqliteJournal(Journal):
                         fn_ref,
                     )
                 if functions:
-                    db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?)", functions)
+                    db.executemany(
+                        "INSERT OR IGNORE INTO functions VALUES (?, ?)", functions.items()
+                    )
                 _execute_rows(db, _INSERT, params, 8)
             if batch.requeued:
                 db.executemany(

@@ -296,3 +296,51 @@ def test_a_schema_2_journal_is_migrated_and_keeps_every_task(tmp_path: Path) -> 
     (version,) = journal._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     assert version == SCHEMA_VERSION
     journal.close()
+
+
+def test_a_shared_function_survives_a_rolled_back_write_and_another_opener(
+    tmp_path: Path,
+) -> None:
+    """Every batch writes the functions it refers to: no row is taken to exist from an earlier
+    transaction, which may have been rolled back, or cleaned up by a second opener."""
+    path = str(tmp_path / "j.db")
+    shared = b"f" * 460
+    journal = SqliteJournal(path)
+    journal.write(JournalBatch(submitted=[PendingTask(big_spec("t0", shared), "c1", 0)]))
+    with pytest.raises(sqlite3.IntegrityError):  # shares the function, then fails: rolled back
+        journal.write(
+            JournalBatch(
+                submitted=[
+                    PendingTask(big_spec("t1", shared), "c1", 1),
+                    PendingTask(big_spec("t0-again", shared), "c1", 0),
+                ]
+            )
+        )
+    journal.write(JournalBatch(submitted=[PendingTask(big_spec("t2", shared), "c1", 2)]))
+    done = Outcome("t2", Status.OK, b"v", None, 0.1)
+    journal.write(JournalBatch(finished=[FinishedTask("t2", "c1", "done", done, 1.0, 2)]))
+    SqliteJournal(path).close()  # a second opener drops the function no row refers to now
+    journal.write(JournalBatch(submitted=[PendingTask(big_spec("t3", shared), "c1", 3)]))
+    journal.close()
+    assert [(t.spec.task_id, t.spec.fn) for t in SqliteJournal(path).load().pending] == [
+        ("t0", shared),
+        ("t3", shared),
+    ]
+
+
+def test_tables_without_a_recorded_schema_get_the_function_column(tmp_path: Path) -> None:
+    """An older release that died between making its tables and recording its schema."""
+    path = str(tmp_path / "j.db")
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL,"
+        " client_id TEXT NOT NULL, spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,"
+        " errors INTEGER NOT NULL DEFAULT 0, not_before REAL,"
+        " state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL)"
+    )
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    journal.write(JournalBatch(submitted=[PendingTask(spec("t"), "c1", 1)]))
+    assert [t.spec for t in journal.load().pending] == [spec("t")]
+    journal.close()
