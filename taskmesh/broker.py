@@ -452,10 +452,13 @@ class JournalWriter:
         except Exception:  # a bug here must stop the broker, not leave its sends stuck
             log.critical("journal thread failed", exc_info=True)
             self.failed = True
-            try:
-                os.write(self._wake_fd, b"j")
-            except OSError:
-                pass
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        try:
+            os.write(self._wake_fd, b"j")
+        except OSError:
+            pass  # the pipe is full: the loop is awake already
 
     def _write_batches(self) -> None:
         held: dict[int, FinishedTask] = {}  # run outcomes not written yet, by seq
@@ -514,10 +517,7 @@ class JournalWriter:
                 self.failed = True
             else:
                 self._ready.append((ready, completed))
-            try:
-                os.write(self._wake_fd, b"j")
-            except OSError:
-                pass
+            self._wake_loop()
 
     def _take(self, timeout: float | None) -> tuple[list[_Item], bool]:
         """Everything queued, waiting up to ``timeout`` for the first; True once told to stop."""

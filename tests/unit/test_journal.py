@@ -57,20 +57,30 @@ def test_a_task_id_submitted_again_after_it_was_forgotten_is_a_new_row(tmp_path:
     assert [t.seq for t in SqliteJournal(path).load().pending] == [2]
 
 
-def _schema_1_journal(path: str) -> None:
-    """A journal as version 1 wrote it: tasks keyed by task id."""
+_COLUMNS = """spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0, not_before REAL,
+    state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL"""
+# the tasks table as schema 1 (keyed by task id) and schema 2 (by seq) made it
+_OLD_TASKS = {
+    "1": "task_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, seq INTEGER NOT NULL, " + _COLUMNS,
+    "2": "seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, client_id TEXT NOT NULL, " + _COLUMNS,
+}
+
+
+def _old_journal(path: str, schema: str) -> sqlite3.Connection:
+    """An empty journal as an older taskmesh wrote it."""
     db = sqlite3.connect(path)
     db.executescript(
-        """
-        CREATE TABLE tasks (
-            task_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, seq INTEGER NOT NULL,
-            spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
-            errors INTEGER NOT NULL DEFAULT 0, not_before REAL,
-            state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema', '1');
-        """
+        f"CREATE TABLE tasks ({_OLD_TASKS[schema]});"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        f"INSERT INTO meta VALUES ('schema', '{schema}');"
     )
+    return db
+
+
+def _schema_1_journal(path: str) -> None:
+    """A journal as version 1 wrote it: tasks keyed by task id."""
+    db = _old_journal(path, "1")
     db.execute(
         "INSERT INTO tasks (task_id, client_id, seq, spec, lost) VALUES (?, ?, ?, ?, ?)",
         ("old-pending", "c1", 7, pack_task(spec("old-pending")), 2),
@@ -272,18 +282,7 @@ def test_functions_of_finished_tasks_are_dropped_when_the_journal_is_opened(
 
 def test_a_schema_2_journal_is_migrated_and_keeps_every_task(tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
-    db = sqlite3.connect(path)
-    db.executescript(
-        """
-        CREATE TABLE tasks (
-            seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, client_id TEXT NOT NULL,
-            spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
-            errors INTEGER NOT NULL DEFAULT 0, not_before REAL,
-            state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema', '2');
-        """
-    )
+    db = _old_journal(path, "2")
     db.execute(
         "INSERT INTO tasks (seq, task_id, client_id, spec) VALUES (4, 'old', 'c1', ?)",
         (pack_task(spec("old")),),
@@ -332,12 +331,7 @@ def test_tables_without_a_recorded_schema_get_the_function_column(tmp_path: Path
     """An older release that died between making its tables and recording its schema."""
     path = str(tmp_path / "j.db")
     db = sqlite3.connect(path)
-    db.execute(
-        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL,"
-        " client_id TEXT NOT NULL, spec BLOB NOT NULL, lost INTEGER NOT NULL DEFAULT 0,"
-        " errors INTEGER NOT NULL DEFAULT 0, not_before REAL,"
-        " state TEXT NOT NULL DEFAULT 'pending', outcome BLOB, finished_at REAL)"
-    )
+    db.execute(f"CREATE TABLE tasks ({_OLD_TASKS['2']})")
     db.commit()
     db.close()
     journal = SqliteJournal(path)
