@@ -784,6 +784,9 @@ class Client(Executor):
                 continue  # cancelled locally: outcomes count once
             ok, value = load_outcome(outcome, future.name)
             _settle(future, ok, value)
+            # settled, it pickles as its value through result(): the outcome need not live on
+            # (one object less per future for the garbage collector to walk)
+            future._seen = None
         # the broker may forget these tasks now; a resent copy is harmless (first one wins).
         # Sent with the next message out: nobody waits for it (see _DELIVERED_WAIT_S).
         if delivered:
