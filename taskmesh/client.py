@@ -553,11 +553,12 @@ class Client(Executor):
             while not self._closed:
                 # the broker's heartbeat rules (adopted from Welcome) may change the interval
                 interval = self.config.heartbeat.interval_s
-                wait = interval
+                timeout_ms = int(interval * 1000)
                 if self._delivered:
                     waited = time.monotonic() - self._delivered_since
-                    wait = min(interval, max(0.0, _DELIVERED_WAIT_S - waited))
-                events = dict(poller.poll(math.ceil(wait * 1000)))
+                    wait_ms = math.ceil(max(0.0, _DELIVERED_WAIT_S - waited) * 1000)
+                    timeout_ms = min(timeout_ms, wait_ms)
+                events = dict(poller.poll(timeout_ms))
                 now = time.monotonic()
                 if self._wake_r in events:
                     try:
@@ -669,8 +670,10 @@ class Client(Executor):
         if self._unpinned:
             released = self._released_deliveries()
             if released:
-                self._send(p.Delivered(released))
-                sent = True
+                if not self._delivered:
+                    self._delivered_since = now
+                self._delivered.extend(released)
+                sent = True  # in one DELIVERED with the others, now
         if self._delivered and (sent or now - self._delivered_since >= _DELIVERED_WAIT_S):
             self._send(p.Delivered(self._delivered))
             self._delivered = []
