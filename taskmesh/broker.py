@@ -487,10 +487,8 @@ class JournalWriter:
                     batch.finished = written
                 for seq in batch.forgotten:
                     held.pop(seq, None)  # delivered first: never written
-                for seq in batch.durable:
-                    row = held.pop(seq, None)  # a task is about to use it: write it now
-                    if row is not None:
-                        batch.finished.append(row)
+                # a task is about to use these outcomes: written now
+                batch.finished += _unhold(held, batch.durable)
                 merged.extend(batch)
                 if seqs or waiting:  # late sends keep their order behind those waiting
                     waiting.append((now + _HOLD_S, seqs, late))
@@ -502,10 +500,7 @@ class JournalWriter:
                 stop or waiting[0][0] <= now or not any(seq in held for seq in waiting[0][1])
             ):
                 _, seqs, late = waiting.popleft()
-                for seq in seqs:
-                    row = held.pop(seq, None)
-                    if row is not None:
-                        merged.finished.append(row)
+                merged.finished += _unhold(held, seqs)
                 ready.extend(late)
                 completed += 1
             merged.coalesce()
@@ -536,6 +531,11 @@ class JournalWriter:
 
 
 _Item = tuple[JournalBatch, list[Send], list[Send]]
+
+
+def _unhold(held: dict[int, FinishedTask], seqs: list[int]) -> list[FinishedTask]:
+    """Take these outcomes out of ``held`` (those still there) to be written."""
+    return [row for seq in seqs if (row := held.pop(seq, None)) is not None]
 
 
 def _keyring(config: BrokerConfig) -> KeyRing | None:

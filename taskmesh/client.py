@@ -670,9 +670,7 @@ class Client(Executor):
         if self._unpinned:
             released = self._released_deliveries()
             if released:
-                if not self._delivered:
-                    self._delivered_since = now
-                self._delivered.extend(released)
+                self._confirm_later(released, now)
                 sent = True  # in one DELIVERED with the others, now
         if self._delivered and (sent or now - self._delivered_since >= _DELIVERED_WAIT_S):
             self._send(p.Delivered(self._delivered))
@@ -793,9 +791,13 @@ class Client(Executor):
         # the broker may forget these tasks now; a resent copy is harmless (first one wins).
         # Sent with the next message out: nobody waits for it (see _DELIVERED_WAIT_S).
         if delivered:
-            if not self._delivered:
-                self._delivered_since = time.monotonic()
-            self._delivered.extend(delivered)
+            self._confirm_later(delivered, time.monotonic())
+
+    def _confirm_later(self, task_ids: list[str], now: float) -> None:
+        """Queue ids for the next DELIVERED (see ``_send_outgoing``)."""
+        if not self._delivered:
+            self._delivered_since = now
+        self._delivered.extend(task_ids)
 
     def _settle_id(self, task_id: str, ok: bool, value: Any) -> None:
         with self._lock:

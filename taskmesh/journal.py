@@ -95,7 +95,12 @@ class JournalBatch:
 
     def __bool__(self) -> bool:
         return bool(
-            self.submitted or self.requeued or self.finished or self.forgotten or self.schedules
+            self.submitted
+            or self.requeued
+            or self.finished
+            or self.forgotten
+            or self.schedules
+            or self.durable
         )
 
     def extend(self, other: JournalBatch) -> None:

@@ -1195,8 +1195,8 @@ class Scheduler:
                 }
             )
             del self.recent_failures[: -self.config.recent_failures]
-        self._retired[record.spec.task_id] = now
         task_id = record.spec.task_id
+        self._retired[task_id] = now
         # a run's outcome goes out before its commit, and its row may wait, unless a task
         # depends on it: that one must never see a value that a rerun could replace
         early = (
@@ -1219,8 +1219,8 @@ class Scheduler:
         self._deliver(record, outcome, early)
         if record.spec.deps:
             self._unpin(record.spec.deps)
-        if record.spec.task_id in self._dependents:
-            self._settled.append(record.spec.task_id)
+        if task_id in self._dependents:
+            self._settled.append(task_id)
             self._tell_dependents(now)
 
     def _deliver(self, record: TaskRecord, outcome: Outcome, early: bool = False) -> None:
