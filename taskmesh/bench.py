@@ -97,7 +97,7 @@ def throughput(client: Client, pool: ProcessPoolExecutor, n: int, repeat: int) -
     def run_pool() -> float:
         return _tasks_per_s(pool, n, "the process pool")
 
-    mesh_runs, pool_runs = _alternate(run_mesh, run_pool, repeat)
+    mesh_runs, pool_runs = _alternate(repeat, run_mesh, run_pool)
     return [
         Figure(
             "throughput",
@@ -121,20 +121,33 @@ def latency(client: Client, pool: ProcessPoolExecutor, n: int, repeat: int) -> l
             out.append(time.perf_counter() - started)
         return out
 
-    mesh_p50, mesh_p99, pool_p50, pool_p99, relay_p50 = [], [], [], [], []
+    mesh_p50, mesh_p99, pool_p50, pool_p99, relay_p50, least_p50 = [], [], [], [], [], []
     samples(lambda i: client.submit(noop, i))  # warm up: functions cached, executors hot
-    with BareRelay() as relay:
+    with BareRelay() as relay, BareRelay(executor=False, io_thread=False) as least:
         samples(relay.submit)
+        samples(least.submit)
         for _ in range(repeat):
             m = samples(lambda i: client.submit(noop, i))
             b = samples(lambda i: pool.submit(noop, i))
             r = samples(relay.submit)
+            q = samples(least.submit)
             mesh_p50.append(_percentile(m, 0.5) * 1000)
             mesh_p99.append(_percentile(m, 0.99) * 1000)
             pool_p50.append(_percentile(b, 0.5) * 1000)
             pool_p99.append(_percentile(b, 0.99) * 1000)
             relay_p50.append(_percentile(r, 0.5) * 1000)
+            least_p50.append(_percentile(q, 0.5) * 1000)
     return [
+        Figure(
+            "latency",
+            "bare broker relay p50",
+            _median(least_p50),
+            _median(pool_p50),
+            "ms",
+            "lower",
+            least_p50,
+            note="not taskmesh: caller -> broker -> worker over pyzmq, no logic (BareRelay)",
+        ),
         Figure(
             "latency",
             "bare relay p50",
@@ -204,8 +217,28 @@ def payload(client: Client, size_mb: int, repeat: int) -> list[Figure]:
     def run_raw() -> float:
         return _raw_zmq_echo(data)
 
-    mesh_runs, raw_runs = _alternate(run_mesh, run_raw, repeat)
+    with BareRelay(executor=False, io_thread=False) as relay:
+
+        def run_relay() -> float:
+            started = time.perf_counter()
+            back = relay.echo(data)
+            elapsed = time.perf_counter() - started
+            if hashlib.sha256(back).digest() != expected:
+                raise AssertionError("payload corrupted")
+            return 2 * size_mb / elapsed
+
+        mesh_runs, raw_runs, relay_runs = _alternate(repeat, run_mesh, run_raw, run_relay)
     return [
+        Figure(
+            "payload",
+            f"{size_mb} MB through a bare broker relay",
+            _median(relay_runs),
+            _median(raw_runs),
+            "MB/s",
+            "higher",
+            relay_runs,
+            note="not taskmesh: pyzmq via a broker process, 4 hops, copy=False (BareRelay)",
+        ),
         Figure(
             "payload",
             f"{size_mb} MB argument and result",
@@ -215,7 +248,7 @@ def payload(client: Client, size_mb: int, repeat: int) -> list[Figure]:
             "higher",
             mesh_runs,
             note="baseline: raw pyzmq socket pair, copy=False, both ways",
-        )
+        ),
     ]
 
 
@@ -250,14 +283,25 @@ def _raw_zmq_echo(data: bytes) -> float:
 
 
 class BareRelay:
-    """The fastest a round trip of taskmesh's shape can be on this machine: a producer thread
-    hands each call to an I/O thread, which sends it over a DEALER to a ROUTER "broker" process,
-    which forwards it to a DEALER "worker" process, which writes it down a pipe to an
-    "executor" process, and the answer comes back the same way. No protocol, no state, no
-    logic: what the sockets, the pipe and the wake-ups cost alone, to put beside taskmesh's own
-    round trip and the process pool's."""
+    """The fastest a round trip of a brokered design can be on this machine: pyzmq sockets,
+    processes and wake-ups, with no protocol, no state and no logic, to put beside taskmesh's
+    own round trip and the process pool's.
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    By default it has taskmesh's shape: a producer thread hands each call to an I/O thread,
+    which sends it over a DEALER to a ROUTER "broker" process, which forwards it to a DEALER
+    "worker" process, which writes it down a pipe to an "executor" process, and the answer
+    comes back the same way. ``executor=False, io_thread=False`` is the least any design with a
+    broker in the path can cost: the caller's own thread sends, and the worker answers itself.
+    The broker and the worker forward frames without copying them, so a large payload costs
+    what the sockets cost and nothing more.
+    """
+
+    def __init__(
+        self,
+        executor: bool = True,
+        io_thread: bool = True,
+        timeout_s: float = 30.0,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         ports_here, ports_there = ctx.Pipe()
         self._broker = ctx.Process(target=_relay_broker, args=(ports_there,), name="relay-broker")
@@ -266,8 +310,9 @@ class BareRelay:
             self._broker.terminate()
             raise TimeoutError("the bare relay's broker did not start")
         front, back = ports_here.recv()
-        self._worker = ctx.Process(target=_relay_worker, args=(back,), name="relay-worker")
+        self._worker = ctx.Process(target=_relay_worker, args=(back, executor), name="relay-worker")
         self._worker.start()
+        self._timeout_ms = int(timeout_s * 1000)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.connect(f"tcp://127.0.0.1:{front}")
@@ -276,16 +321,31 @@ class BareRelay:
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._ids = iter(range(1 << 62))
-        self._thread = threading.Thread(target=self._io, name="relay-io", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if io_thread:
+            self._thread = threading.Thread(target=self._io, name="relay-io", daemon=True)
+            self._thread.start()
 
     def submit(self, value: int) -> Future[int]:
         future: Future[int] = Future()
+        if self._thread is None:
+            future.set_result(int(bytes(self.echo(b"%d" % value))))
+            return future
         key = b"%d" % next(self._ids)
         self._waiting[key] = future
         self._outgoing.put(key + b":" + b"%d" % value)
         os.write(self._wake_w, b"x")
         return future
+
+    def echo(self, data: bytes) -> memoryview:
+        """One round trip from the calling thread, the bytes not copied on this side (a relay
+        made with ``io_thread=False``)."""
+        if self._thread is not None:
+            raise RuntimeError("echo() is for a relay without an I/O thread")
+        self._sock.send(data, copy=False)
+        if not self._sock.poll(self._timeout_ms):
+            raise TimeoutError("the bare relay did not answer")
+        return self._sock.recv(copy=False).buffer
 
     def _io(self) -> None:
         poller = zmq.Poller()
@@ -306,7 +366,8 @@ class BareRelay:
 
     def __exit__(self, *exc: object) -> None:
         self._closed = True
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         try:
             self._sock.send(b"", zmq.NOBLOCK)  # the empty call stops every part in turn
         except zmq.ZMQError:
@@ -336,32 +397,43 @@ def _relay_broker(ports: Connection) -> None:
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
     worker: bytes | None = None
-    producer = b""
+    producer: Any = b""
     while True:
         events = dict(poller.poll(_RELAY_IDLE_MS))
         if not events:
             return
         if back in events:
-            address, message = back.recv_multipart()
+            address, message = back.recv_multipart(copy=False)
             if worker is None:
-                worker = address  # its first message says it is there
+                worker = bytes(address)  # its first message says it is there
             else:
-                front.send_multipart([producer, message])
+                front.send_multipart([producer, message], copy=False)
         if front in events and worker is not None:
-            producer, message = front.recv_multipart()
-            back.send_multipart([worker, message])
-            if not message:
+            producer, message = front.recv_multipart(copy=False)
+            back.send_multipart([worker, message], copy=False)
+            if not len(message):
                 return
 
 
-def _relay_worker(port: int) -> None:
+def _relay_worker(port: int, executor: bool) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{port}")
-    here, there = multiprocessing.Pipe()
-    executor = multiprocessing.get_context("spawn").Process(target=_relay_executor, args=(there,))
-    executor.start()
     sock.send(b"ready")
+    if not executor:
+        try:
+            while sock.poll(_RELAY_IDLE_MS):
+                message = sock.recv(copy=False)
+                if not len(message):
+                    return
+                sock.send(message, copy=False)
+        finally:
+            sock.close(0)
+            ctx.term()
+        return
+    here, there = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_relay_executor, args=(there,))
+    process.start()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(here.fileno(), zmq.POLLIN)
@@ -378,9 +450,9 @@ def _relay_worker(port: int) -> None:
             if here.fileno() in events:
                 sock.send(here.recv_bytes())
     finally:
-        executor.join(timeout=5)
-        if executor.is_alive():
-            executor.kill()
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
         sock.close(0)
         ctx.term()
 
@@ -533,15 +605,13 @@ def scale_dispatch(
     ]
 
 
-def _alternate(
-    first: Callable[[], float], second: Callable[[], float], repeat: int
-) -> tuple[list[float], list[float]]:
-    """Run two measurements turn about, so that drifting machine load hits both alike."""
-    a_runs, b_runs = [], []
+def _alternate(repeat: int, *measures: Callable[[], float]) -> list[list[float]]:
+    """Run measurements turn about, so that drifting machine load hits each alike."""
+    runs: list[list[float]] = [[] for _ in measures]
     for _ in range(repeat):
-        a_runs.append(first())
-        b_runs.append(second())
-    return a_runs, b_runs
+        for measure, out in zip(measures, runs, strict=True):
+            out.append(measure())
+    return runs
 
 
 # ----------------------------------------------------------------------------- driver

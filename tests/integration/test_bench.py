@@ -24,10 +24,12 @@ def test_bench_reports_every_figure_beside_a_baseline_and_leaves_no_process() ->
     figures = {(f["workload"], f["metric"]): f for f in report["figures"]}
     assert set(figures) == {
         ("throughput", "300 no-op tasks"),
+        ("latency", "bare broker relay p50"),
         ("latency", "bare relay p50"),
         ("latency", "round trip p50"),
         ("latency", "round trip p99"),
         ("payload", "2 MB argument and result"),
+        ("payload", "2 MB through a bare broker relay"),
     }
     for figure in figures.values():
         assert figure["taskmesh"] > 0 and figure["baseline"] > 0 and figure["ratio"] > 0
@@ -39,4 +41,14 @@ def test_the_bare_relay_answers_every_call_with_its_own_value() -> None:
     with BareRelay() as relay:
         futures = [relay.submit(i) for i in range(200)]
         assert [f.result(timeout=10) for f in futures] == list(range(200))
+    assert multiprocessing.active_children() == []
+
+
+def test_the_bare_broker_relay_answers_from_the_calling_thread() -> None:
+    data = bytes(range(256)) * 4096
+    with BareRelay(executor=False, io_thread=False) as relay:
+        assert [relay.submit(i).result(timeout=0) for i in range(100)] == list(range(100))
+        assert bytes(relay.echo(data)) == data
+    with BareRelay() as relay, pytest.raises(RuntimeError, match="without an I/O thread"):
+        relay.echo(b"x")
     assert multiprocessing.active_children() == []
