@@ -227,6 +227,7 @@ def payload(client: Client, size_mb: int, repeat: int) -> list[Figure]:
                 raise AssertionError("payload corrupted")
             return 2 * size_mb / elapsed
 
+        _alternate(1, run_mesh, run_raw, run_relay)  # warm up: connections, buffers, heaps
         mesh_runs, raw_runs, relay_runs = _alternate(repeat, run_mesh, run_raw, run_relay)
     return [
         Figure(

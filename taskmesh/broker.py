@@ -30,6 +30,7 @@ import zmq
 from taskmesh import protocol as p
 from taskmesh.config import BrokerConfig
 from taskmesh.errors import ProtocolError, TaskmeshError
+from taskmesh.heap import KEEPER
 from taskmesh.journal import FinishedTask, Journal, JournalBatch, MemoryJournal, open_journal
 from taskmesh.metrics import BrokerCollector
 from taskmesh.metrics import serve as serve_metrics
@@ -281,6 +282,7 @@ class Broker:
     def _tick(self, now: float) -> list[Send]:
         sched = self.scheduler
         sends = sched.tick(now)
+        KEEPER.tick()
         if self._metrics is not None:
             snapshot = sched.snapshot(now)
             snapshot["broker"] = self._broker_info()
@@ -296,7 +298,9 @@ class Broker:
             return []
         address = frames[0].bytes
         limit = self.config.max_message_bytes
-        if limit and len(frames) > 4 and sum(len(f) for f in frames) > limit:
+        size = sum(len(f) for f in frames) if len(frames) > 4 else 0  # out-of-band payloads
+        KEEPER.saw(size)
+        if limit and size > limit:
             # MAXMSGSIZE bounds each frame; a payload split over many frames is bounded here
             log.warning("dropped a message of %d frames over --max-message-bytes", len(frames))
             sig = bytes(frames[1].bytes[:4])

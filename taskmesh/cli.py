@@ -123,9 +123,12 @@ def _setup_logging(level: str, as_json: bool = False) -> None:
 _SERVICE_GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def _tune_gc_for_service() -> None:
+def _tune_for_service() -> None:
     gc.freeze()  # what start-up loaded (modules, config) is never garbage: stop walking it
     gc.set_threshold(*_SERVICE_GC_THRESHOLDS)
+    from taskmesh.heap import KEEPER
+
+    KEEPER.keep_large_payloads()  # large payloads land in warm memory: see taskmesh/heap.py
 
 
 def _routes(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -286,7 +289,7 @@ def broker(
     from taskmesh.broker import Broker, is_loopback
 
     _setup_logging(log_level, log_json)
-    _tune_gc_for_service()
+    _tune_for_service()
     try:
         config = BrokerConfig(
             bind=bind,
@@ -408,7 +411,7 @@ def worker(
     from taskmesh.worker import WorkerNode
 
     _setup_logging(log_level, log_json)
-    _tune_gc_for_service()
+    _tune_for_service()
     # like `python script.py`, let tasks import modules from the folder the worker starts in
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -33,6 +33,7 @@ from taskmesh.config import HeartbeatConfig, WorkerConfig
 from taskmesh.errors import ProtocolError, SerializationError
 from taskmesh.executor import exception_mro, pickle_exception
 from taskmesh.executor_pool import ExecutorPool
+from taskmesh.heap import KEEPER
 from taskmesh.security import client_keys
 from taskmesh.serialize import qualified_name
 from taskmesh.transport import HandshakeWatch, watched_dealer
@@ -68,6 +69,7 @@ class WorkerNode:
         self._registered_at: float | None = None  # a Ready sent, its Welcome not yet seen
         self._max_message = 0  # the broker's largest message, from Welcome
         self._draining_since: float | None = None  # SIGTERM: finish what runs, take nothing new
+        self._heap_tick_at = 0.0
         self._released = False
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -223,6 +225,8 @@ class WorkerNode:
         self._last_sent = time.monotonic()
 
     def _on_message(self, frames: list[Any], now: float) -> None:
+        if len(frames) > 3:  # out-of-band payloads
+            KEEPER.saw(sum(len(f) for f in frames[3:]))
         try:
             signature, msg = p.decode(frames)
         except ProtocolError as exc:
@@ -299,8 +303,10 @@ class WorkerNode:
     def _fit(self, outcome: p.Outcome) -> p.Outcome:
         """An outcome too large for the broker becomes an error saying so (sent as it was, the
         broker would drop the connection, and the resend after reconnecting, forever)."""
+        size = len(outcome.value)
+        KEEPER.saw(size)
         limit = self._max_message
-        if not limit or len(outcome.value) <= limit - 4096:
+        if not limit or size <= limit - 4096:
             return outcome
         message = (
             f"the result of task [{outcome.task_id}] pickles to {len(outcome.value):,} bytes; "
@@ -364,6 +370,9 @@ class WorkerNode:
                 self.pool.pump(announce=self._announce_starts)
                 self._flush()
                 self._keepalive(now)
+                if now >= self._heap_tick_at:
+                    KEEPER.tick()
+                    self._heap_tick_at = now + self.heartbeat.interval_s
             except (zmq.ContextTerminated, KeyboardInterrupt):
                 raise
             except Exception:

@@ -51,6 +51,25 @@ def digest(data: bytes) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+def heap_rss_kb(pid: int | None = None) -> int:
+    """Resident kB of a process's ``[heap]``, the memory glibc extends with brk (Linux)."""
+    total, in_heap = 0, False
+    with open(f"/proc/{pid or os.getpid()}/smaps") as smaps:
+        for line in smaps:
+            if line[:1].isdigit() or line[:1] in "abcdef":
+                in_heap = line.rstrip().endswith("[heap]")
+            elif in_heap and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def heap_rss_kb_holding(nbytes: int) -> int:
+    """Our heap's resident size while a large buffer is alive: glibc's defaults map it apart."""
+    held = bytearray(nbytes)
+    held[::4096] = b"x" * len(range(0, nbytes, 4096))  # touch every page
+    return heap_rss_kb()
+
+
 def slow_identity(x: int, delay_s: float) -> int:
     """Simulated work of a chosen length, so results complete out of submission order."""
     time.sleep(delay_s)

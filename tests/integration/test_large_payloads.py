@@ -4,13 +4,17 @@ fresh memory), and the mesh goes on serving small tasks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+from collections.abc import Callable
 
 import _tasks
 import pytest
 
 from taskmesh import Client
-from taskmesh.testing import wait_until
+from taskmesh.heap import KEEPER
+from taskmesh.testing import Mesh, wait_until
 
 MESH_OPTIONS = {"workers": 1, "concurrency": 2}
 
@@ -49,3 +53,38 @@ def test_a_large_result_from_a_small_call(client: Client) -> None:
     assert type(back) is bytes
     assert len(back) == 4 * MB
     assert client.submit(_tasks.add, 2, 3).result(timeout=30) == 5
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="the broker and supervisor switch glibc's allocator only")
+def test_broker_and_supervisor_keep_a_large_payloads_memory_then_give_it_back(
+    make_mesh: Callable[..., Mesh],
+) -> None:
+    """While large payloads flow they land in memory the broker and the supervisor kept from the
+    last one (no page faults); a heartbeat interval after the last one, it goes back."""
+    mesh = make_mesh(workers=1, concurrency=1, heartbeat_interval_s=2.0)
+    assert mesh.broker is not None
+    broker, supervisor = mesh.broker.pid, mesh.workers[0].pid
+    before = {pid: _tasks.heap_rss_kb(pid) for pid in (broker, supervisor)}
+    data = os.urandom(48 * MB)
+    with mesh.client() as client:
+        # a large argument and a large result: both processes receive 48 MB each way
+        back = client.submit(_tasks.echo, data).result(timeout=30)
+        kept = {pid: _tasks.heap_rss_kb(pid) for pid in (broker, supervisor)}
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+    for pid in (broker, supervisor):
+        assert kept[pid] - before[pid] >= 40 * 1024, (pid, before, kept)
+    wait_until(
+        lambda: all(_tasks.heap_rss_kb(pid) - before[pid] < 16 * 1024 for pid in kept),
+        15.0,
+        "the kept memory to go back after a quiet interval",
+    )
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator is switched on glibc only")
+def test_user_code_and_the_producer_keep_glibcs_own_allocator_settings(client: Client) -> None:
+    assert not KEEPER.active  # the producer's process: untouched
+    # with glibc's defaults a 64 MB buffer gets a mapping of its own, outside the heap
+    assert client.submit(_tasks.heap_rss_kb_holding, 64 * MB).result(timeout=30) < 32 * 1024
