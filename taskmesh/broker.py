@@ -132,11 +132,7 @@ class Broker:
         try:
             self._sock.bind(bind)
         except zmq.ZMQError as exc:
-            self._sock.close(0)
-            if self._zap is not None:
-                self._zap.close()
-            self._ctx.term()
-            self.journal.close()
+            self._close_early()
             raise TaskmeshError(f"cannot bind {config.bind}: {exc}") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.started_at = time.monotonic()
@@ -149,12 +145,29 @@ class Broker:
             try:
                 serve_metrics(self._metrics, config.metrics_port, config.metrics_host)
             except OSError as exc:
+                self._close_early()
                 raise TaskmeshError(
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
+                ) from None
+        if config.port_file:
+            try:
+                _write_atomically(config.port_file, self.endpoint + "\n")
+            except OSError as exc:
+                self._close_early()
+                raise TaskmeshError(
+                    f"cannot write the port file {config.port_file}: {exc.strerror or exc}"
                 ) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    def _close_early(self) -> None:
+        """Undo what the constructor opened before it gave up."""
+        self._sock.close(0)
+        if self._zap is not None:
+            self._zap.close()
+        self._ctx.term()
+        self.journal.close()
 
     def stop(self) -> None:
         self._stopping = True
@@ -174,8 +187,6 @@ class Broker:
             # SIGHUP re-reads the key folders; without keys it must not kill the broker either
             # (the systemd units' reload sends it)
             old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
-        if self.config.port_file:
-            _write_atomically(self.config.port_file, self.endpoint + "\n")
         log.info(
             "broker %s listening on %s (journal %s)",
             self.broker_id,

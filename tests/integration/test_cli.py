@@ -1,17 +1,20 @@
-"""``taskmesh status`` as a real subprocess against a real broker (and against none)."""
+"""The CLI as real subprocesses: ``taskmesh status`` against a real broker (and against none),
+and what the broker and a worker say when something is wrong with how they were started."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import _tasks
 import pytest
 
 from taskmesh import Client
-from taskmesh.testing import Mesh
+from taskmesh.testing import ManagedProcess, Mesh, wait_until
 
 MESH_OPTIONS = {"workers": 2, "concurrency": 2}
 
@@ -94,4 +97,38 @@ def test_status_with_an_invalid_address_exits_1_without_traceback() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "nonsense" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_broker_that_cannot_write_its_port_file_says_so_in_one_line(tmp_path: Path) -> None:
+    port_file = tmp_path / "missing" / "port"
+    proc = run_cli("broker", "--bind", "tcp://127.0.0.1:0", "--port-file", str(port_file))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"cannot write the port file {port_file}" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_worker_that_gets_no_answer_from_its_broker_says_so(
+    dead_url: str, tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "taskmesh", "worker", "--broker", dead_url, "-c", "1"]
+    argv += ["--heartbeat-interval", "0.2"]
+    worker = ManagedProcess("lonely", argv, tmp_path / "lonely.log", dict(os.environ))
+    try:
+        wait_until(
+            lambda: "no answer from broker" in worker.log_path.read_text(),
+            20.0,
+            "the worker to warn that nobody answers",
+        )
+        assert worker.alive()  # and it goes on trying
+        assert dead_url in worker.log_path.read_text()
+    finally:
+        worker.stop()
+
+
+def test_the_dashboard_without_a_terminal_points_to_status(dead_url: str) -> None:
+    proc = run_cli("dashboard", "--broker", dead_url)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "needs a terminal" in proc.stderr and "taskmesh status" in proc.stderr
     assert "Traceback" not in proc.stderr
