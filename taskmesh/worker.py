@@ -70,6 +70,9 @@ class WorkerNode:
         self._max_message = 0  # the broker's largest message, from Welcome
         self._draining_since: float | None = None  # SIGTERM: finish what runs, take nothing new
         self._heap_tick_at = 0.0
+        # no answer from the broker since: a worker pointed at the wrong address must say so
+        self._lost_since = time.monotonic()
+        self._silence_warning_at = self._lost_since + 2 * self.heartbeat.timeout_s
         self._released = False
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -394,6 +397,17 @@ class WorkerNode:
                 )
                 self._broker_alive = False
                 self._next_reconnect = now
+                self._lost_since = now
+                self._silence_warning_at = now + 2 * hb.timeout_s
+            elif now >= self._silence_warning_at:
+                log.warning(
+                    "worker %s: no answer from broker %s for %.0fs; still trying "
+                    "(is it running, and is that its address?)",
+                    self.config.name,
+                    self.config.broker,
+                    now - self._lost_since,
+                )
+                self._silence_warning_at = now + 10 * hb.timeout_s
             if now >= self._next_reconnect:
                 self._connect(now)
                 self._broker_seen = now - hb.timeout_s  # stay "lost" until the broker answers
