@@ -131,6 +131,13 @@ def _tune_for_service() -> None:
     KEEPER.keep_large_payloads()  # large payloads land in warm memory: see taskmesh/heap.py
 
 
+def _json_option(option: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} is not valid JSON ({exc}): {text!r}") from None
+
+
 def _routes(values: list[str]) -> tuple[tuple[str, str], ...]:
     routes = []
     for value in values:
@@ -503,6 +510,11 @@ def dashboard(
     """Live view of workers, queues, throughput and failures; q or Ctrl-C quits."""
     from taskmesh.dashboard import run_dashboard
 
+    if not sys.stdout.isatty():
+        raise _fail(
+            "the dashboard needs a terminal; for a snapshot use `taskmesh status` "
+            "(or `taskmesh status --json`)"
+        )
     try:
         _use_keys(curve_secret, broker_key)
         run_dashboard(broker, refresh_s=refresh)
@@ -561,18 +573,21 @@ def bench(
     from taskmesh.bench import BenchConfig, run_bench
     from taskmesh.status import print_bench
 
-    config = BenchConfig(
-        workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()),
-        broker=broker,
-        workers=workers,
-        concurrency=concurrency,
-        journal="bench.db" if journal else ":memory:",
-        tasks=tasks,
-        repeat=repeat,
-        payload_mb=payload_mb,
-        scale_pending=scale_pending,
-        curve=curve,
-    )
+    try:
+        config = BenchConfig(
+            workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()),
+            broker=broker,
+            workers=workers,
+            concurrency=concurrency,
+            journal="bench.db" if journal else ":memory:",
+            tasks=tasks,
+            repeat=repeat,
+            payload_mb=payload_mb,
+            scale_pending=scale_pending,
+            curve=curve,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     say = (lambda _msg: None) if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
         report = run_bench(config, progress=say)
@@ -714,8 +729,8 @@ def schedule_add(
 
     try:
         fn = _load_target(target)
-        call_args = json.loads(args)
-        call_kwargs = json.loads(kwargs)
+        call_args = _json_option("--args", args)
+        call_kwargs = _json_option("--kwargs", kwargs)
         if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
             raise ValueError("--args takes a JSON list and --kwargs a JSON object")
         if every is not None and cron is not None:
