@@ -636,6 +636,13 @@ class BenchConfig:
     scale_tasks: int = 20_000
     curve: bool = False  # the embedded mesh over CurveZMQ, with throwaway keys
 
+    def __post_init__(self) -> None:
+        # checked before any mesh starts: a typo must not cost a start-up and a teardown
+        unknown = [name for name in self.workloads if name not in WORKLOADS]
+        if unknown or not self.workloads:
+            what = f"unknown workload {unknown[0]!r}" if unknown else "no workload given"
+            raise ValueError(f"{what}; choose from {', '.join(WORKLOADS)}")
+
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the chosen workloads; returns a JSON-able report."""
@@ -680,8 +687,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
                 elif name == "scale":
                     figures += scale_memory(config.scale_pending, progress)
                     figures += scale_dispatch(config.scale_workers, config.scale_tasks, progress)
-                else:
-                    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
     finally:
         if mesh is not None:
             mesh.stop()

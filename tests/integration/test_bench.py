@@ -52,3 +52,12 @@ def test_the_bare_broker_relay_answers_from_the_calling_thread() -> None:
     with BareRelay() as relay, pytest.raises(RuntimeError, match="without an I/O thread"):
         relay.echo(b"x")
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("workloads", [("bogus",), ()])
+def test_an_unknown_or_missing_workload_is_refused_before_anything_starts(
+    workloads: tuple[str, ...],
+) -> None:
+    with pytest.raises(ValueError, match="choose from throughput, latency"):
+        BenchConfig(workloads=workloads)
+    assert multiprocessing.active_children() == []

@@ -158,6 +158,11 @@ def test_the_schedule_command_adds_lists_and_removes(make_mesh, tmp_path: Path) 
         "schedule", "add", "jobs_for_schedule:stamp", "--cron", "61 * * * *", *url, cwd=tmp_path
     )
     assert bad.returncode == 1 and "minute field: 61 is outside 0-59" in bad.stderr
+    not_json = taskmesh_cli(
+        "schedule", "add", "jobs_for_schedule:stamp", "--args", "[1,", *url, cwd=tmp_path
+    )
+    assert not_json.returncode == 1 and "--args is not valid JSON" in not_json.stderr
+    assert "Traceback" not in not_json.stderr
 
     for name in ("stamp", "nightly"):
         removed = taskmesh_cli("schedule", "remove", name, *url, cwd=tmp_path)
