@@ -57,8 +57,12 @@ def test_loading_explains_what_is_wrong(tmp_path: Path) -> None:
     files = generate_keypair("p", tmp_path)
     with pytest.raises(TaskmeshError, match="no secret key"):
         load_secret_key(files.public)
-    with pytest.raises(TaskmeshError, match="cannot read key file"):
+    with pytest.raises(TaskmeshError, match="no such key file"):
         load_public_key(tmp_path / "missing.key")
+    not_a_key = tmp_path / "notes.key"
+    not_a_key.write_text("hello\n")
+    with pytest.raises(TaskmeshError, match="cannot read key file"):
+        load_public_key(not_a_key)
     garbled = tmp_path / "garbled.key"
     garbled.write_text('curve\n    public-key = "not-a-key"\n')
     with pytest.raises(TaskmeshError, match="malformed"):
