@@ -397,7 +397,7 @@ class ExecutorPool:
     ) -> None:
         message = f"task {task.name} [{task.task_id}] {what}"
         info = p.ErrorInfo(qualified_name(error_type), message, "", exception_mro(error_type))
-        if status is not p.Status.LOST:
+        if status is not p.Status.LOST and status is not p.Status.CANCELLED:
             self.failed += 1
         self._outcomes.append(p.Outcome(task.task_id, status, b"", info, run_s))
 

@@ -959,8 +959,11 @@ class Scheduler:
             self.counters["retried"] += 1
             self._requeue(record, now, self._backoff(spec, record.errors))
             return
-        worker.failed += 1
-        state = TaskState.CANCELLED if outcome.status is Status.CANCELLED else TaskState.FAILED
+        if outcome.status is Status.CANCELLED:  # stopped on request: nobody failed
+            state = TaskState.CANCELLED
+        else:
+            worker.failed += 1
+            state = TaskState.FAILED
         final = Outcome(spec.task_id, outcome.status, outcome.value, outcome.error, outcome.run_s)
         self._finish(record, final, state, now, worker_name=worker.name)
 

@@ -946,6 +946,9 @@ def test_cancel_terminate_of_a_running_task_aborts_it_on_its_worker() -> None:
     sends = m.flush()
     assert [(o.task_id, o.status) for o in outcomes(sends)] == [("t1", Status.CANCELLED)]
     assert m.s.counters["cancelled"] == 1
+    # stopped on request: not a failure of the task, nor of the worker that ran it
+    assert m.s.counters["failed"] == 0
+    assert [w.failed for w in m.s.workers.values()] == [0, 0]
 
 
 def test_terminated_task_is_not_run_again_when_its_worker_dies_before_confirming() -> None:
