@@ -47,7 +47,11 @@ def chunk_seed(seed: int, index: int) -> int:
 
 
 def main() -> int:
-    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 2024
+    try:
+        seed = int(sys.argv[1]) if len(sys.argv) > 1 else 2024
+    except ValueError:
+        print(f"usage: {sys.argv[0]} [SEED] (a whole number, not {sys.argv[1]!r})", file=sys.stderr)
+        return 2
     with connected(workers=3):
         started = time.monotonic()
         results = list(

@@ -50,7 +50,13 @@ def process(i: int) -> str:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    try:
+        n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    except ValueError:
+        print(
+            f"usage: {sys.argv[0]} [RECORDS] (a whole number, not {sys.argv[1]!r})", file=sys.stderr
+        )
+        return 2
     console = Console()
     checksums: dict[int, str] = {}
     failed: dict[int, str] = {}

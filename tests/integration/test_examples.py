@@ -120,3 +120,19 @@ def test_wordcount_over_a_given_folder(tmp_path: Path) -> None:
     text = run_example("mapreduce_wordcount.py", str(tmp_path))
     assert "2 files" in text
     assert "word count OK: 11 words" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "arg"),
+    [("progress_bar.py", "abc"), ("monte_carlo_pi.py", "1.5"), ("mapreduce_wordcount.py", "-")],
+)
+def test_an_example_given_a_bad_argument_says_so_and_exits_2(name: str, arg: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / name), arg],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert arg in proc.stderr and "Traceback" not in proc.stderr
