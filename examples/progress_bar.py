@@ -52,9 +52,11 @@ def process(i: int) -> str:
 def main() -> int:
     try:
         n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+        if n < 1:
+            raise ValueError
     except ValueError:
         print(
-            f"usage: {sys.argv[0]} [RECORDS] (a whole number, not {sys.argv[1]!r})", file=sys.stderr
+            f"usage: {sys.argv[0]} [RECORDS] (a count from 1, not {sys.argv[1]!r})", file=sys.stderr
         )
         return 2
     console = Console()

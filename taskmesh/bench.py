@@ -26,6 +26,7 @@ import zmq
 
 from taskmesh import protocol as p
 from taskmesh.client import Client
+from taskmesh.heap import KEEPER, LARGE_PAYLOAD
 from taskmesh.serialize import dumps_call, dumps_function
 from taskmesh.testing import Mesh
 
@@ -387,7 +388,15 @@ class BareRelay:
 _RELAY_IDLE_MS = 60_000  # a relay part whose producer is gone gives up after this long
 
 
+def _keep_payloads_memory() -> None:
+    """The relay's processes keep large payloads' memory as taskmesh's broker and supervisor do
+    (taskmesh/heap.py), from the start: each lives for one measurement."""
+    if KEEPER.keep_large_payloads():
+        KEEPER.saw(LARGE_PAYLOAD)
+
+
 def _relay_broker(ports: Connection) -> None:
+    _keep_payloads_memory()
     ctx: zmq.Context[Any] = zmq.Context()
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.ROUTER)
@@ -417,6 +426,7 @@ def _relay_broker(ports: Connection) -> None:
 
 
 def _relay_worker(port: int, executor: bool) -> None:
+    _keep_payloads_memory()
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{port}")

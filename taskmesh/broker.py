@@ -149,14 +149,6 @@ class Broker:
                 raise TaskmeshError(
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
                 ) from None
-        if config.port_file:
-            try:
-                _write_atomically(config.port_file, self.endpoint + "\n")
-            except OSError as exc:
-                self._close_early()
-                raise TaskmeshError(
-                    f"cannot write the port file {config.port_file}: {exc.strerror or exc}"
-                ) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -198,9 +190,16 @@ class Broker:
                 "CurveZMQ on: peers must hold a key from %s",
                 ", ".join(f"{r.value}s {d}" for r, d in self.keyring.folders.items()),
             )
-        if not isinstance(self.journal, MemoryJournal):
-            self._writer = JournalWriter(self.journal, self._wake_w)
         try:
+            if self.config.port_file:  # once signals are ours: it says we are up
+                try:
+                    _write_atomically(self.config.port_file, self.endpoint + "\n")
+                except OSError as exc:
+                    raise TaskmeshError(
+                        f"cannot write the port file {self.config.port_file}: {exc.strerror or exc}"
+                    ) from None
+            if not isinstance(self.journal, MemoryJournal):
+                self._writer = JournalWriter(self.journal, self._wake_w)
             self._loop()
         finally:
             if self._writer is not None:
@@ -310,7 +309,6 @@ class Broker:
         address = frames[0].bytes
         limit = self.config.max_message_bytes
         size = sum(len(f) for f in frames) if len(frames) > 4 else 0  # out-of-band payloads
-        KEEPER.saw(size)
         if limit and size > limit:
             # MAXMSGSIZE bounds each frame; a payload split over many frames is bounded here
             log.warning("dropped a message of %d frames over --max-message-bytes", len(frames))
@@ -333,6 +331,7 @@ class Broker:
             refusal = self._refusal(frames[1], signature, msg.KIND)
             if refusal is not None:
                 return [self._forbid(address, frames[1], signature, msg, refusal)]
+        KEEPER.saw(size)
         try:
             return self.scheduler.handle(address, signature, msg, now)
         except Exception:

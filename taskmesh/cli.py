@@ -326,7 +326,10 @@ def broker(
             "result on the wire. Use --curve-secret with --producers and --workers instead.",
             bind,
         )
-    server.run()
+    try:
+        server.run()
+    except TaskmeshError as exc:
+        raise _fail(str(exc)) from None
     if server.failed:
         raise _fail("the broker stopped because its journal could not be written")
 

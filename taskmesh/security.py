@@ -122,8 +122,12 @@ def load_secret_key(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 
 
 def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
-    if not os.path.exists(path):  # pyzmq calls a missing file an invalid certificate
-        raise TaskmeshError(f"no such key file: {os.fspath(path)}")
+    try:
+        os.stat(path)
+    except FileNotFoundError:  # pyzmq calls a missing file an invalid certificate
+        raise TaskmeshError(f"no such key file: {os.fspath(path)}") from None
+    except OSError:
+        pass  # unreadable: reading it says why
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

@@ -72,6 +72,7 @@ class WorkerNode:
         self._heap_tick_at = 0.0
         # no answer from the broker since: a worker pointed at the wrong address must say so
         self._lost_since = time.monotonic()
+        self._refused = False  # the broker turned our key down (logged as such)
         self._silence_warning_at = self._lost_since + 2 * self.heartbeat.timeout_s
         self._released = False
         self._stopping = False
@@ -242,10 +243,12 @@ class WorkerNode:
             # not a live link: stay "lost", so that we reconnect (a new handshake picks up a
             # role granted meanwhile) with backoff
             log.error("worker %s: the broker refused this key: %s", self.config.name, msg.message)
+            self._refused = True
             return
         self._broker_seen = now
         if not self._broker_alive:
             self._broker_alive = True
+            self._refused = False
             self._reconnect_delay = self.heartbeat.interval_s
         if isinstance(msg, p.Tasks):
             self._outstanding = max(0, self._outstanding - len(msg.assignments))
@@ -388,6 +391,7 @@ class WorkerNode:
             refusal = self._watch.refusal()  # a refused worker keeps retrying: keys may change
             if refusal:
                 log.error("worker %s: %s", self.config.name, refusal)
+                self._refused = True
         if now - self._broker_seen > hb.timeout_s:
             if self._broker_alive:
                 log.warning(
@@ -399,7 +403,7 @@ class WorkerNode:
                 self._next_reconnect = now
                 self._lost_since = now
                 self._silence_warning_at = now + 2 * hb.timeout_s
-            elif now >= self._silence_warning_at:
+            elif now >= self._silence_warning_at and not self._refused:  # refusals say why
                 log.warning(
                     "worker %s: no answer from broker %s for %.0fs; still trying "
                     "(is it running, and is that its address?)",

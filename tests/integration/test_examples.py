@@ -124,7 +124,12 @@ def test_wordcount_over_a_given_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "arg"),
-    [("progress_bar.py", "abc"), ("monte_carlo_pi.py", "1.5"), ("mapreduce_wordcount.py", "-")],
+    [
+        ("progress_bar.py", "abc"),
+        ("progress_bar.py", "-5"),
+        ("monte_carlo_pi.py", "1.5"),
+        ("mapreduce_wordcount.py", "-"),
+    ],
 )
 def test_an_example_given_a_bad_argument_says_so_and_exits_2(name: str, arg: str) -> None:
     proc = subprocess.run(

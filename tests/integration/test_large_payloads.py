@@ -64,12 +64,14 @@ def test_broker_and_supervisor_keep_a_large_payloads_memory_then_give_it_back(
 ) -> None:
     """While large payloads flow they land in memory the broker and the supervisor kept from the
     last one (no page faults); a heartbeat interval after the last one, it goes back."""
-    mesh = make_mesh(workers=1, concurrency=1, heartbeat_interval_s=2.0)
+    # the round trip must end before the second tick after the argument came: 3 to 6 s
+    mesh = make_mesh(workers=1, concurrency=1, heartbeat_interval_s=3.0)
     assert mesh.broker is not None
     broker, supervisor = mesh.broker.pid, mesh.workers[0].pid
-    before = {pid: _tasks.heap_rss_kb(pid) for pid in (broker, supervisor)}
     data = os.urandom(48 * MB)
     with mesh.client() as client:
+        assert client.submit(_tasks.add, 1, 2).result(timeout=30) == 3  # everything up
+        before = {pid: _tasks.heap_rss_kb(pid) for pid in (broker, supervisor)}
         # a large argument and a large result: both processes receive 48 MB each way
         back = client.submit(_tasks.echo, data).result(timeout=30)
         kept = {pid: _tasks.heap_rss_kb(pid) for pid in (broker, supervisor)}
@@ -78,7 +80,7 @@ def test_broker_and_supervisor_keep_a_large_payloads_memory_then_give_it_back(
         assert kept[pid] - before[pid] >= 40 * 1024, (pid, before, kept)
     wait_until(
         lambda: all(_tasks.heap_rss_kb(pid) - before[pid] < 16 * 1024 for pid in kept),
-        15.0,
+        30.0,
         "the kept memory to go back after a quiet interval",
     )
 
