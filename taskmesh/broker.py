@@ -179,17 +179,6 @@ class Broker:
             # SIGHUP re-reads the key folders; without keys it must not kill the broker either
             # (the systemd units' reload sends it)
             old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
-        log.info(
-            "broker %s listening on %s (journal %s)",
-            self.broker_id,
-            self.endpoint,
-            self.config.journal,
-        )
-        if self.keyring is not None:
-            log.info(
-                "CurveZMQ on: peers must hold a key from %s",
-                ", ".join(f"{r.value}s {d}" for r, d in self.keyring.folders.items()),
-            )
         try:
             if self.config.port_file:  # once signals are ours: it says we are up
                 try:
@@ -198,6 +187,17 @@ class Broker:
                     raise TaskmeshError(
                         f"cannot write the port file {self.config.port_file}: {exc.strerror or exc}"
                     ) from None
+            log.info(
+                "broker %s listening on %s (journal %s)",
+                self.broker_id,
+                self.endpoint,
+                self.config.journal,
+            )
+            if self.keyring is not None:
+                log.info(
+                    "CurveZMQ on: peers must hold a key from %s",
+                    ", ".join(f"{r.value}s {d}" for r, d in self.keyring.folders.items()),
+                )
             if not isinstance(self.journal, MemoryJournal):
                 self._writer = JournalWriter(self.journal, self._wake_w)
             self._loop()
