@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -140,10 +141,13 @@ class Broker:
         self._writer: JournalWriter | None = None
         self.failed = False  # the journal failed: the broker stopped rather than lie
         self._metrics: BrokerCollector | None = None
+        self._stop_metrics: Callable[[], None] | None = None
         if config.metrics_port is not None:
             self._metrics = BrokerCollector()
             try:
-                serve_metrics(self._metrics, config.metrics_port, config.metrics_host)
+                self._stop_metrics = serve_metrics(
+                    self._metrics, config.metrics_port, config.metrics_host
+                )
             except OSError as exc:
                 self._close_early()
                 raise TaskmeshError(
@@ -217,6 +221,8 @@ class Broker:
             self.journal.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            if self._stop_metrics is not None:
+                self._stop_metrics()
             log.info("broker %s stopped", self.broker_id)
 
     def _loop(self) -> None:

@@ -9,7 +9,7 @@ scheduler's live structures (and costs the hot path nothing). Metric names are l
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,16 @@ def _histogram(name: str, h: Histogram) -> HistogramMetricFamily:
     return family
 
 
-def serve(collector: BrokerCollector, port: int, host: str = "127.0.0.1") -> None:
-    """Serve ``/metrics`` on a daemon thread."""
+def serve(collector: BrokerCollector, port: int, host: str = "127.0.0.1") -> Callable[[], None]:
+    """Serve ``/metrics`` on a daemon thread; returns what stops it (a broker embedded in a
+    longer-lived process must not leave its port behind)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    start_http_server(port, addr=host, registry=registry)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop

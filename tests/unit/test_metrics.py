@@ -64,3 +64,24 @@ def test_a_published_view_is_a_copy() -> None:
     collector.publish(SNAPSHOT, {"run": run})
     run.observe(1.0)  # the live histogram moves on; the scrape shows what was published
     assert "taskmesh_task_run_seconds_count 0.0" in _scrape(collector)
+
+
+def test_the_metrics_server_lets_go_of_its_port_when_stopped() -> None:
+    """A broker embedded in a longer-lived process stops its metrics server with it."""
+    import socket
+    import urllib.request
+
+    from taskmesh.metrics import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stop = serve(BrokerCollector(), port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+    stop()
+    with socket.socket() as again:
+        # the scrape's connection may linger in TIME_WAIT: only a listener would stop this
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen()
