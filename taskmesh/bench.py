@@ -207,13 +207,16 @@ def payload(client: Client, size_mb: int, repeat: int) -> list[Figure]:
     data = os.urandom(1 << 20) * size_mb
     expected = hashlib.sha256(data).digest()
 
-    def run_mesh() -> float:
+    def speed(round_trip: Callable[[bytes], Any]) -> float:
         started = time.perf_counter()
-        back = client.submit(digest, data).result(timeout=300)
+        back = round_trip(data)
         elapsed = time.perf_counter() - started
         if hashlib.sha256(back).digest() != expected:
             raise AssertionError("payload corrupted")
         return 2 * size_mb / elapsed
+
+    def run_mesh() -> float:
+        return speed(lambda d: client.submit(digest, d).result(timeout=300))
 
     def run_raw() -> float:
         return _raw_zmq_echo(data)
@@ -221,12 +224,7 @@ def payload(client: Client, size_mb: int, repeat: int) -> list[Figure]:
     with BareRelay(executor=False, io_thread=False) as relay:
 
         def run_relay() -> float:
-            started = time.perf_counter()
-            back = relay.echo(data)
-            elapsed = time.perf_counter() - started
-            if hashlib.sha256(back).digest() != expected:
-                raise AssertionError("payload corrupted")
-            return 2 * size_mb / elapsed
+            return speed(relay.echo)
 
         _alternate(1, run_mesh, run_raw, run_relay)  # warm up: connections, buffers, heaps
         mesh_runs, raw_runs, relay_runs = _alternate(repeat, run_mesh, run_raw, run_relay)

@@ -133,7 +133,7 @@ class Broker:
         try:
             self._sock.bind(bind)
         except zmq.ZMQError as exc:
-            self._close_early()
+            self._close_sockets_and_journal()
             raise TaskmeshError(f"cannot bind {config.bind}: {exc}") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.started_at = time.monotonic()
@@ -149,7 +149,7 @@ class Broker:
                     self._metrics, config.metrics_port, config.metrics_host
                 )
             except OSError as exc:
-                self._close_early()
+                self._close_sockets_and_journal()
                 raise TaskmeshError(
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
                 ) from None
@@ -157,8 +157,8 @@ class Broker:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
-    def _close_early(self) -> None:
-        """Undo what the constructor opened before it gave up."""
+    def _close_sockets_and_journal(self) -> None:
+        """What the constructor opened: closed when it gives up, or when ``run()`` ends."""
         self._sock.close(0)
         if self._zap is not None:
             self._zap.close()
@@ -214,11 +214,7 @@ class Broker:
                 signal.set_wakeup_fd(old_wakeup)
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
-            self._sock.close(0)
-            if self._zap is not None:
-                self._zap.close()
-            self._ctx.term()
-            self.journal.close()
+            self._close_sockets_and_journal()
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self._stop_metrics is not None:

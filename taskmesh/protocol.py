@@ -121,9 +121,8 @@ class Status(enum.IntEnum):
     DEPENDENCY_FAILED = 7  # broker -> producer: a dependency failed; the task never ran
 
 
-_STATUSES = {int(s): s for s in Status}
 #: a status from its wire value: a dict lookup, where calling the enum costs ten times more
-STATUS_OF = _STATUSES
+STATUS_OF = {int(s): s for s in Status}
 
 # --------------------------------------------------------------------------- field checks
 
@@ -475,7 +474,7 @@ class Outcome:
     def from_wire(cls, value: Any, blobs: _BlobReader) -> Outcome:
         if type(value) is list and len(value) == 5:
             task_id, status, blob, error, run_s = value
-            known = _STATUSES.get(status) if type(status) is int else None
+            known = STATUS_OF.get(status) if type(status) is int else None
             if (
                 known is not None
                 and type(task_id) is str

@@ -315,7 +315,7 @@ class WorkerNode:
         if not limit or size <= limit - 4096:
             return outcome
         message = (
-            f"the result of task [{outcome.task_id}] pickles to {len(outcome.value):,} bytes; "
+            f"the result of task [{outcome.task_id}] pickles to {size:,} bytes; "
             f"the broker accepts messages up to {limit:,} bytes (--max-message-bytes)"
         )
         info = p.ErrorInfo(
